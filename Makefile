@@ -1,0 +1,37 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.cacnb-installed
+ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+
+.PHONY: install demo test lab data clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[notebooks,dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (cacnb)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make demo: write the synthetic dataset if missing, then execute every notebook into runs/demo/ on CPU
+demo: install
+	$(BIN)/python -m cacnb.demo --out runs/demo
+
+## make test: the whole test suite (non-zero exit on any failure)
+test: install
+	$(BIN)/python -m pytest -q tests
+
+## make lab: JupyterLab on the notebooks (works as root)
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG)
+
+data: install
+	$(BIN)/python -m cacnb.data.synthetic --root data/synthetic
+
+clean-demo:
+	rm -rf runs/demo

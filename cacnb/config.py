@@ -1,0 +1,476 @@
+"""One typed configuration object for every cacnb run.
+
+A :class:`Config` has five sections (``data``, ``model``, ``loss``, ``optim``, ``train``). It comes from
+
+* a preset name (``voc_r50_1323``, ``cityscapes_r50_372``, ``synthetic``, ... see :data:`PRESETS`),
+* a JSON file written by cacnb (``config.json`` in every run dir), or
+* an official CAC JSON file (``configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json`` etc.),
+
+followed by typed overrides ``{"train.epochs": 3}`` or ``["train.epochs=3"]`` (the CLI's ``--set``).
+Unknown keys are errors that list the valid ones, so a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+DATASETS = ("synthetic", "voc", "cityscapes")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+MODES = ("semi", "supervised")
+PRECISIONS = ("fp32", "tf32", "bf16")
+EVAL_MODES = ("whole", "slide")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and what to do."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"            # synthetic | voc | cityscapes
+    data_dir: str = "data/synthetic"      # VOC: folder holding VOCdevkit/VOC2012 (or VOC2012 itself)
+    n_labeled: int = 1323                 # size of the labeled split
+    split_seed: int = 0                   # seed of generated splits
+    split_dir: Optional[str] = None       # folder with official lists {n}_train_(un)supervised.txt
+    num_classes: int = 21
+    ignore_index: int = 255
+    base_size: int = 400                  # long side before the random rescale
+    crop_size: int = 320
+    scale_range: tuple[float, float] = (0.5, 2.0)       # labeled rescale range
+    pair_scale_range: tuple[float, float] = (0.8, 2.0)  # unlabeled pair rescale range
+    iou_bound: tuple[float, float] = (0.1, 1.0)
+    stride: int = 8                       # feature stride the crop offsets are multiples of
+    color_jitter: bool = False            # colour jitter on labeled crops (official: Cityscapes only)
+    photometric: bool = True              # per-crop photometric augmentation on pairs
+    num_workers: int = 4                  # DataLoader workers per rank
+    val_max_images: Optional[int] = None  # evaluate only the first N val images (quick runs)
+    synthetic_train: int = 240            # images the synthetic generator writes, when it has to
+    synthetic_val: int = 40
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    output_stride: int = 16
+    pretrained: Optional[str] = "pretrained/resnet50-19c8e357.pth"  # torchvision state dict; None: random
+    proj_dim: int = 128
+    sync_bn: bool = True                  # converted only for multi-GPU CUDA runs
+    channels_last: bool = False
+
+
+@dataclass
+class LossConfig:
+    weight_unsup: float = 0.1
+    temperature: float = 0.1
+    pos_thresh: float = 0.75
+    selected_num: int = 6400              # negatives sampled per crop per rank (official)
+    step_save: int = 1                    # extra steps kept in the feature bank
+    epoch_start_unsup: int = 5
+    neg_total: Optional[int] = None       # fix the total negatives whatever the world size (None: official)
+    chunk_size: int = 4096                # negatives per chunk of the streaming logsumexp
+    precision: str = "fp32"               # fp32 | tf32 | bf16 similarity matmuls (tf32/bf16: CUDA only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    poly_power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "semi"                    # semi (CAC) | supervised (labeled-only baseline)
+    epochs: int = 80
+    iters_per_epoch: int = 1157
+    batch_size: int = 8                   # global labeled batch, split over ranks
+    batch_size_unsup: int = 8             # global number of unlabeled pairs, split over ranks
+    seed: int = 42
+    log_every: int = 20
+    val_every: int = 1                    # validate every N epochs (0: never)
+    ckpt_every: int = 0                   # also write last.pt every N iterations (0: epochs only)
+    amp: bool = False                     # bf16 autocast, CUDA only
+    compile: bool = False                 # torch.compile the model
+    out_dir: str = "runs"
+    run_name: Optional[str] = None        # default: the config name
+    resume: Optional[str] = None          # checkpoint path; last.pt in the run dir resumes automatically
+    eval_mode: str = "whole"              # whole | slide
+    max_iters: Optional[int] = None       # stop after this many iterations in total (smoke tests)
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        """Strict: every key must exist; values are coerced to the declared types."""
+        cfg = cls()
+        return apply_overrides(cfg, _flatten(d))
+
+    def validate(self) -> "Config":
+        _check_choice("data.dataset", self.data.dataset, DATASETS)
+        _check_choice("model.backbone", self.model.backbone, BACKBONES)
+        _check_choice("train.mode", self.train.mode, MODES)
+        _check_choice("loss.precision", self.loss.precision, PRECISIONS)
+        _check_choice("train.eval_mode", self.train.eval_mode, EVAL_MODES)
+        if self.model.output_stride not in (8, 16):
+            raise ConfigError(f"model.output_stride must be 8 or 16, got {self.model.output_stride}")
+        if self.data.crop_size % self.data.stride:
+            raise ConfigError(f"data.crop_size ({self.data.crop_size}) must be a multiple of "
+                              f"data.stride ({self.data.stride})")
+        lo, hi = self.data.iou_bound
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"data.iou_bound must satisfy 0 <= lo <= hi <= 1, got {self.data.iou_bound}")
+        for key in ("train.batch_size", "train.batch_size_unsup", "train.epochs", "train.iters_per_epoch"):
+            if get_key(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {get_key(self, key)}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir) / (self.train.run_name or self.name)
+
+
+def _check_choice(key: str, value: Any, choices: Iterable[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keys and typed overrides
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    """All dotted keys a Config accepts, e.g. ``train.epochs``."""
+    cfg = cfg or Config()
+    keys = ["name"]
+    for sec in dataclasses.fields(cfg):
+        if sec.name == "name":
+            continue
+        keys += [f"{sec.name}.{f.name}" for f in dataclasses.fields(getattr(cfg, sec.name))]
+    return keys
+
+
+def _resolve(cfg: Config, key: str) -> tuple[Any, str, Any]:
+    """(owner object, attribute name, declared type) for a dotted key, or a ConfigError listing valid keys."""
+    parts = key.split(".")
+    if key == "name":
+        return cfg, "name", str
+    if len(parts) == 2 and parts[0] in {f.name for f in dataclasses.fields(cfg)} and parts[0] != "name":
+        owner = getattr(cfg, parts[0])
+        hints = typing.get_type_hints(type(owner))
+        if parts[1] in hints:
+            return owner, parts[1], hints[parts[1]]
+    close = [k for k in valid_keys(cfg) if parts[-1] in k or k.endswith(parts[-1])]
+    hint = f" Did you mean {close}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid_keys(cfg))}")
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    owner, attr, _ = _resolve(cfg, key)
+    return getattr(owner, attr)
+
+
+def coerce(value: Any, tp: Any, key: str = "?") -> Any:
+    """Convert ``value`` (often a string from the CLI) to the declared type ``tp``; raise ConfigError if it can't."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = json.loads(text) if text.startswith("[") else [v for v in text.strip("()").split(",") if v]
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: cannot parse {value!r} as a list ({e})") from None
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_types = args if origin is tuple and Ellipsis not in args else [args[0]] * len(value)
+        if origin is tuple and len(item_types) != len(value):
+            raise ConfigError(f"{key}: expected {len(item_types)} values, got {list(value)}")
+        out = [coerce(v, t, key) for v, t in zip(value, item_types)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def parse_overrides(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["a.b=1", "c.d=x"]`` or a mapping -> ``{"a.b": "1", ...}``."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return dict(items)
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str] | Mapping[str, Any] | None) -> Config:
+    """Return a copy of ``cfg`` with typed overrides applied. Unknown keys raise :class:`ConfigError`."""
+    cfg = _copy(cfg)
+    for key, value in parse_overrides(overrides).items():
+        owner, attr, tp = _resolve(cfg, key)
+        setattr(owner, attr, coerce(value, tp, key))
+    return cfg
+
+
+def _copy(cfg: Config) -> Config:
+    return Config(
+        name=cfg.name,
+        **{f.name: dataclasses.replace(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "name"},
+    )
+
+
+def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            for k2, v2 in v.items():
+                if isinstance(v2, Mapping):
+                    raise ConfigError(f"config key {k}.{k2} is nested too deeply; valid keys: "
+                                      f"{', '.join(valid_keys())}")
+                out[f"{k}.{k2}"] = v2
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presets
+
+PAPER_PRETRAINED = {
+    "resnet50": "pretrained/resnet50-19c8e357.pth",
+    "resnet101": "pretrained/resnet101-5d3b4d8f.pth",
+}
+
+
+def _voc(backbone: str, n_labeled: int) -> Config:
+    depth = backbone.replace("resnet", "r")
+    cfg = Config(name=f"voc_{depth}_{n_labeled}")
+    cfg.data = DataConfig(dataset="voc", data_dir="data/VOCtrainval_11-May-2012", n_labeled=n_labeled,
+                          num_classes=21, base_size=400, crop_size=320)
+    cfg.model = ModelConfig(backbone=backbone, pretrained=PAPER_PRETRAINED[backbone])
+    # official: step_save 1 for R-50, 2 for R-101
+    cfg.loss = LossConfig(step_save=1 if backbone == "resnet50" else 2)
+    cfg.train = TrainConfig(epochs=80, iters_per_epoch=1157)
+    return cfg
+
+
+def _cityscapes(n_labeled: int) -> Config:
+    cfg = Config(name=f"cityscapes_r50_{n_labeled}")
+    cfg.data = DataConfig(dataset="cityscapes", data_dir="data/cityscapes", n_labeled=n_labeled, num_classes=19,
+                          base_size=2048, crop_size=720, color_jitter=True, num_workers=8)
+    cfg.model = ModelConfig(backbone="resnet50", pretrained=PAPER_PRETRAINED["resnet50"])
+    cfg.loss = LossConfig(selected_num=16200, step_save=0)
+    # official Cityscapes file: lr 0.1, 80 epochs; iterations follow the unlabeled set (2975 - n) / 8
+    cfg.optim = OptimConfig(lr=0.1)
+    cfg.train = TrainConfig(epochs=80, iters_per_epoch=max(1, (2975 - n_labeled) // 8), eval_mode="slide")
+    return cfg
+
+
+def _synthetic() -> Config:
+    """The CPU demo: ResNet-18, crop 128, a few hundred iterations on the embedded synthetic set."""
+    cfg = Config(name="synthetic")
+    cfg.data = DataConfig(dataset="synthetic", data_dir="data/synthetic", n_labeled=60, num_classes=21,
+                          base_size=160, crop_size=128, num_workers=2, synthetic_train=240, synthetic_val=40)
+    cfg.model = ModelConfig(backbone="resnet18", pretrained=None, sync_bn=False)
+    cfg.loss = LossConfig(selected_num=512, step_save=1, epoch_start_unsup=1)
+    cfg.optim = OptimConfig(lr=0.02, backbone_lr_mult=1.0)
+    cfg.train = TrainConfig(epochs=6, iters_per_epoch=40, batch_size=8, batch_size_unsup=8, log_every=10)
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    **{f"voc_r50_{n}": (lambda n=n: _voc("resnet50", n)) for n in (662, 1323, 1464, 2645)},
+    **{f"voc_r101_{n}": (lambda n=n: _voc("resnet101", n)) for n in (662, 1323, 1464, 2645)},
+    "cityscapes_r50_372": lambda: _cityscapes(372),
+    "cityscapes_r50_744": lambda: _cityscapes(744),
+    "synthetic": _synthetic,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# official CAC JSON import
+
+
+def is_official_json(d: Mapping[str, Any]) -> bool:
+    return "n_labeled_examples" in d or "train_supervised" in d
+
+
+def from_official(d: Mapping[str, Any]) -> Config:
+    """Map an official CAC JSON config (as shipped in its ``configs/``) onto a :class:`Config`.
+
+    Keys that only steer the official trainer's bookkeeping (``save_dir``, ``tensorboardX``, ``n_gpu``, ...) are
+    ignored; ``n_gpu`` does not matter because batch sizes are global here, as they are there.
+    """
+    dataset = d.get("dataset", "voc")
+    if dataset == "city":
+        dataset = "cityscapes"
+    n_labeled = int(d.get("n_labeled_examples", 1323))
+    m = d.get("model", {})
+    layers = int(m.get("layers", 50))
+    backbone = f"resnet{layers}"
+    cfg = _voc(backbone, n_labeled) if dataset == "voc" else _cityscapes(n_labeled)
+    cfg.name = str(d.get("experim_name") or cfg.name)
+    if "data_dir" in d:
+        cfg.data.data_dir = str(d["data_dir"])
+    # "datalist": k names the official lists in <CAC clone>/dataloaders/{voc,city}_splits{k}; they are not
+    # shipped here, so point data.split_dir at that folder to train on exactly the paper's split.
+    cfg.data.ignore_index = int(d.get("ignore_index", cfg.data.ignore_index))
+    if not d.get("pretrained", True):
+        cfg.model.pretrained = None
+    cfg.train.seed = int(d.get("random_seed", cfg.train.seed))
+    cfg.train.mode = "supervised" if m.get("supervised", False) and not m.get("semi", True) else "semi"
+    cfg.model.proj_dim = int(m.get("proj_final_dim", cfg.model.proj_dim))
+    for ours, theirs in (("pos_thresh", "pos_thresh_value"), ("weight_unsup", "weight_unsup"),
+                         ("temperature", "temp")):
+        if theirs in m:
+            setattr(cfg.loss, ours, float(m[theirs]))
+    for ours, theirs in (("epoch_start_unsup", "epoch_start_unsup"), ("selected_num", "selected_num"),
+                         ("step_save", "step_save")):
+        if theirs in m:
+            setattr(cfg.loss, ours, int(m[theirs]))
+    if "stride" in m:
+        cfg.data.stride = int(m["stride"])
+    args = d.get("optimizer", {}).get("args", {})
+    for k in ("lr", "weight_decay", "momentum"):
+        if k in args:
+            setattr(cfg.optim, k, float(args[k]))
+    if d.get("diff_lrs") is False:
+        cfg.optim.backbone_lr_mult = 1.0
+    sup, unsup = d.get("train_supervised", {}), d.get("train_unsupervised", {})
+    if "batch_size" in sup:
+        cfg.train.batch_size = int(sup["batch_size"])
+    if "batch_size" in unsup:
+        cfg.train.batch_size_unsup = int(unsup["batch_size"])
+    for key in ("crop_size", "base_size"):
+        if key in sup:
+            setattr(cfg.data, key, int(sup[key]))
+    if "jitter" in sup:
+        cfg.data.color_jitter = bool(sup["jitter"])
+    if "num_workers" in sup:
+        cfg.data.num_workers = int(sup["num_workers"])
+    if "iou_bound" in unsup:
+        cfg.data.iou_bound = tuple(float(v) for v in unsup["iou_bound"])
+    if "stride" in unsup:
+        cfg.data.stride = int(unsup["stride"])
+    trainer = d.get("trainer", {})
+    if "epochs" in trainer:
+        cfg.train.epochs = int(trainer["epochs"])
+    if "log_per_iter" in trainer:
+        cfg.train.log_every = int(trainer["log_per_iter"])
+    if "val_per_epochs" in trainer:
+        cfg.train.val_every = int(trainer["val_per_epochs"]) if trainer.get("val", True) else 0
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def load_config(source: "str | os.PathLike | Mapping[str, Any] | Config | None" = "synthetic",
+                overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
+    """Build a validated Config from a preset name, a JSON path (ours or official), a dict, or a Config.
+
+    >>> cfg = load_config("voc_r50_1323", {"train.epochs": 2})
+    """
+    if source is None:
+        source = "synthetic"
+    if isinstance(source, Config):
+        cfg = source
+    elif isinstance(source, Mapping):
+        cfg = from_official(source) if is_official_json(source) else Config.from_dict(source)
+    elif str(source) in PRESETS:
+        cfg = PRESETS[str(source)]()
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor an "
+                              f"existing JSON file")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        cfg = from_official(d) if is_official_json(d) else Config.from_dict(d)
+    return apply_overrides(cfg, overrides).validate()
+
+
+def save_config(cfg: Config, path: "str | os.PathLike") -> Path:
+    """Write ``cfg`` as JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return path
+
+
+def atomic_write_text(path: "str | os.PathLike", text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def per_rank_batch(global_batch: int, world_size: int, key: str = "train.batch_size") -> int:
+    """Batch sizes are global; each rank takes ``global / world``. It must divide."""
+    if global_batch % world_size:
+        raise ConfigError(f"{key}={global_batch} is a global batch and must divide by the world size "
+                          f"({world_size}); choose a multiple of {world_size} or change --nproc_per_node")
+    return global_batch // world_size

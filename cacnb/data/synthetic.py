@@ -1,0 +1,487 @@
+"""A small synthetic dataset in the exact PASCAL VOC 2012 layout: the embedded default of cacnb.
+
+``make_synthetic_voc(root, num_train, num_val, seed)`` writes::
+
+    root/VOCdevkit/VOC2012/
+        JPEGImages/<id>.jpg                   RGB, fixed JPEG quality
+        SegmentationClassAug/<id>.png         8-bit palette PNG with the VOC colour map; 0 = background,
+                                              class indices for objects, 255 on a thin band along borders
+        ImageSets/Segmentation/train_aug.txt  one id per line
+        ImageSets/Segmentation/val.txt
+        cacnb_synthetic.json                  the generator's parameters
+
+so the VOC reader loads it exactly as it loads the real dataset.
+
+Scenes are a textured background (class 0) with 1 to 4 objects drawn from eight VOC classes. Every class has its
+own shape family and its own colour and texture; per-instance jitter, rotation, scale, position and occlusion
+(later objects cover earlier ones) keep it from being trivial, while colour + texture keep it learnable by a small
+network in a few CPU minutes. Image sizes vary, landscape and portrait.
+
+Each image comes from its own ``numpy`` Generator seeded by ``(seed, split, index)``, so a seed gives byte-identical
+files on every run, and image ``i`` does not depend on how many others are made. Everything is written into a
+temporary folder inside ``root`` and renamed into place at the end: an interrupted run leaves no half dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import DatasetError, with_readme
+from .palette import VOC_CLASSES, voc_palette
+
+FORMAT_VERSION = 1
+JPEG_QUALITY = 90
+META_NAME = "cacnb_synthetic.json"
+_TMP_PREFIX = ".cacnb-synthetic-partial-"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shapes: vertices of a unit-size outline, scaled/rotated later. Each returns [k, 2] (x, y) in [-1, 1].
+
+
+def _ellipse(n: int = 48) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([np.cos(t), np.sin(t)], 1)
+
+
+def _regular(k: int, phase: float = 0.0) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, k, endpoint=False) + phase
+    return np.stack([np.cos(t), np.sin(t)], 1)
+
+
+def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, 2 * points, endpoint=False) - np.pi / 2
+    radius = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([radius * np.cos(t), radius * np.sin(t)], 1)
+
+
+def _cross(arm: float = 0.32) -> np.ndarray:
+    a = arm
+    return np.array([(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a),
+                     (-1, -a), (-a, -a)], dtype=np.float64)
+
+
+def _capsule(n: int = 12) -> np.ndarray:
+    """A vertical stadium: half-circles of radius 0.45 on top and bottom of a 0.45-wide column."""
+    r = 0.45
+    t_top = np.linspace(np.pi, 2 * np.pi, n)
+    t_bot = np.linspace(0, np.pi, n)
+    top = np.stack([r * np.cos(t_top), -1 + r + r * np.sin(t_top)], 1)
+    bot = np.stack([r * np.cos(t_bot), 1 - r + r * np.sin(t_bot)], 1)
+    return np.concatenate([top, bot])
+
+
+SHAPES: dict[str, Callable[[], np.ndarray]] = {
+    "ellipse": _ellipse,
+    "rectangle": lambda: np.array([(-1, -0.6), (1, -0.6), (1, 0.6), (-1, 0.6)], dtype=np.float64),
+    "triangle": lambda: _regular(3, -np.pi / 2),
+    "star": _star,
+    "ring": _ellipse,          # drawn with a hole
+    "cross": _cross,
+    "capsule": _capsule,
+    "hexagon": lambda: _regular(6),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classes: VOC index, shape family, base colour, texture
+
+
+@dataclass(frozen=True)
+class ObjectClass:
+    index: int                  # VOC class index
+    shape: str                  # key of SHAPES
+    colour: tuple[int, int, int]
+    texture: str                # key of TEXTURES
+
+
+OBJECT_CLASSES: tuple[ObjectClass, ...] = (
+    ObjectClass(1, "cross", (70, 200, 235), "smooth"),        # aeroplane: cyan, smooth gradient
+    ObjectClass(3, "triangle", (235, 210, 40), "speckle"),    # bird: yellow with dark speckles
+    ObjectClass(6, "rectangle", (215, 45, 35), "hstripes"),   # bus: red, horizontal stripes
+    ObjectClass(7, "ring", (45, 75, 215), "checker"),         # car: blue checkerboard
+    ObjectClass(8, "ellipse", (245, 135, 30), "grain"),       # cat: orange, coarse grain
+    ObjectClass(12, "star", (120, 70, 35), "blotches"),       # dog: brown blotches
+    ObjectClass(15, "capsule", (230, 90, 185), "vstripes"),   # person: pink, vertical stripes
+    ObjectClass(16, "hexagon", (45, 170, 65), "spots"),       # pottedplant: green with pale spots
+)
+
+
+def synthetic_class_indices() -> list[int]:
+    """The VOC indices that occur in the synthetic set (besides 0 = background and 255 = border)."""
+    return sorted(c.index for c in OBJECT_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# textures: (rng, h, w) -> multiplicative modulation [h, w] (about 1) applied to the base colour
+
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.mgrid[0:h, 0:w].astype(np.float32)
+
+
+def _lowres_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Smooth noise in [0, 1]: a ``cells``-sized random grid upsampled bicubically to [h, w]."""
+    small = rng.random((max(2, cells), max(2, cells)), dtype=np.float32)
+    img = Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _tex_smooth(rng, h, w):
+    yy, xx = _grid(h, w)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / max(h, w)
+    return 0.85 + 0.3 * (ramp - ramp.min())
+
+
+def _tex_speckle(rng, h, w):
+    return np.where(rng.random((h, w), dtype=np.float32) < 0.08, 0.3, 1.0).astype(np.float32)
+
+
+def _stripes(rng, coord):
+    period = rng.uniform(5.0, 9.0)
+    return np.where(np.sin(coord * (2 * np.pi / period) + rng.uniform(0, 6.3)) > 0, 1.08, 0.62).astype(np.float32)
+
+
+def _tex_hstripes(rng, h, w):
+    return _stripes(rng, _grid(h, w)[0])
+
+
+def _tex_vstripes(rng, h, w):
+    return _stripes(rng, _grid(h, w)[1])
+
+
+def _tex_checker(rng, h, w):
+    yy, xx = _grid(h, w)
+    cell = rng.uniform(5.0, 9.0)
+    parity = (np.floor(yy / cell) + np.floor(xx / cell)) % 2
+    return np.where(parity > 0, 1.15, 0.6).astype(np.float32)
+
+
+def _tex_grain(rng, h, w):
+    return 1.0 + 0.22 * rng.standard_normal((h, w), dtype=np.float32)
+
+
+def _tex_blotches(rng, h, w):
+    cells = max(3, min(h, w) // 8)
+    return 0.55 + 0.9 * _lowres_noise(rng, h, w, cells)
+
+
+def _tex_spots(rng, h, w):
+    cells = max(3, min(h, w) // 5)
+    return np.where(_lowres_noise(rng, h, w, cells) > 0.62, 1.45, 0.95).astype(np.float32)
+
+
+TEXTURES: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
+    "smooth": _tex_smooth, "speckle": _tex_speckle, "hstripes": _tex_hstripes, "vstripes": _tex_vstripes,
+    "checker": _tex_checker, "grain": _tex_grain, "blotches": _tex_blotches, "spots": _tex_spots,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one scene
+
+
+def _image_size(rng: np.random.Generator, size_range: tuple[int, int]) -> tuple[int, int]:
+    """(height, width): long side in the upper part of ``size_range``, landscape / portrait / square."""
+    lo, hi = size_range
+    long_side = int(rng.integers(max(lo, int(0.7 * hi)), hi + 1))
+    short_side = int(np.clip(round(long_side * rng.uniform(0.6, 0.9)), lo, long_side))
+    kind = rng.random()
+    if kind < 0.55:
+        return short_side, long_side            # landscape
+    if kind < 0.85:
+        return long_side, short_side            # portrait
+    return long_side, long_side                 # square
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """Low-saturation colour: backgrounds stay apart from the saturated object colours."""
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.3), rng.uniform(0.3, 0.85))
+    return np.array([r, g, b], dtype=np.float32) * 255
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """[h, w, 3] float: two muted colours mixed by clouds, a gradient, or a wavy horizon, plus grain."""
+    c1, c2 = _muted_colour(rng), _muted_colour(rng)
+    kind = rng.integers(3)
+    if kind == 0:
+        mix = _lowres_noise(rng, h, w, int(rng.integers(3, 7)))
+    elif kind == 1:
+        mix = _tex_smooth(rng, h, w) - 0.85
+        mix = mix / max(float(mix.max()), 1e-6)
+    else:
+        yy, xx = _grid(h, w)
+        horizon = h * rng.uniform(0.3, 0.7) + 0.06 * h * np.sin(xx / w * rng.uniform(2, 8) + rng.uniform(0, 6.3))
+        mix = (yy > horizon).astype(np.float32)
+    mix = mix[..., None]                                                   # [h, w, 1]
+    bg = c1 * (1 - mix) + c2 * mix                                         # [h, w, 3]
+    # surface texture: faint blotches plus grain, so that "flat colour" never means background
+    grain = 10 * rng.standard_normal((h, w), dtype=np.float32)
+    blotch = 0.88 + 0.24 * _lowres_noise(rng, h, w, int(rng.integers(8, 20)))
+    return bg * blotch[..., None] + grain[..., None]
+
+
+def _object_mask(rng: np.random.Generator, cls: ObjectClass, radius: float) -> np.ndarray:
+    """bool [s, s] mask of one rotated, stretched instance centred in an s x s canvas."""
+    aspect = rng.uniform(0.75, 1.3)
+    angle = rng.uniform(0, 2 * np.pi) if cls.shape != "capsule" else rng.uniform(-0.4, 0.4)
+    pts = SHAPES[cls.shape]() * np.array([radius * aspect, radius / aspect])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    pts = pts @ rot.T
+    size = int(np.ceil(np.abs(pts).max())) * 2 + 3
+    pts = pts + size / 2
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.polygon([tuple(p) for p in pts], fill=1)
+    if cls.shape == "ring":
+        hole = (pts - size / 2) * 0.5 + size / 2
+        draw.polygon([tuple(p) for p in hole], fill=0)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _object_centre(rng, h, w, radius, previous):
+    """Mostly uniform; sometimes next to the previous object so that it occludes it."""
+    if previous is not None and rng.random() < 0.5:
+        py, px, pr = previous
+        angle = rng.uniform(0, 2 * np.pi)
+        dist = rng.uniform(0.5, 1.1) * (pr + radius)
+        return py + dist * np.sin(angle), px + dist * np.cos(angle)
+    return rng.uniform(0.12, 0.88) * h, rng.uniform(0.12, 0.88) * w
+
+
+def _paste(image, label, mask, patch, cls_index, cy, cx):
+    """Write ``patch`` [s, s, 3] and ``cls_index`` where ``mask`` is set, clipped to the image."""
+    h, w = label.shape
+    s = mask.shape[0]
+    top, left = int(round(cy)) - s // 2, int(round(cx)) - s // 2
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + s, h), min(left + s, w)
+    if y0 >= y1 or x0 >= x1:
+        return
+    m = mask[y0 - top:y1 - top, x0 - left:x1 - left]
+    image[y0:y1, x0:x1][m] = patch[y0 - top:y1 - top, x0 - left:x1 - left][m]
+    label[y0:y1, x0:x1][m] = cls_index
+
+
+def _appearance(rng: np.random.Generator, cls: ObjectClass, s: int) -> np.ndarray:
+    """[s, s, 3] float: the class colour, jittered per instance, modulated by the class texture."""
+    colour = np.asarray(cls.colour, dtype=np.float32) + rng.normal(0, 12, 3).astype(np.float32)
+    colour = colour * rng.uniform(0.85, 1.1)
+    modulation = TEXTURES[cls.texture](rng, s, s)[..., None]               # [s, s, 1]
+    return colour * modulation
+
+
+def _border_band(label: np.ndarray, width: int) -> np.ndarray:
+    """bool [h, w]: a band about ``width`` px wide centred on every class change (VOC marks it 255)."""
+    band = np.zeros(label.shape, dtype=bool)
+    if width <= 0:
+        return band
+    dy = label[1:] != label[:-1]                                          # [h-1, w] vertical changes
+    dx = label[:, 1:] != label[:, :-1]                                    # [h, w-1] horizontal changes
+    band[1:] |= dy
+    band[:-1] |= dy                                                       # both sides: 2 px wide
+    band[:, 1:] |= dx
+    band[:, :-1] |= dx
+    for _ in range((width - 1) // 2):                                     # widen by 1 px per side
+        grown = band.copy()
+        grown[1:] |= band[:-1]
+        grown[:-1] |= band[1:]
+        grown[:, 1:] |= band[:, :-1]
+        grown[:, :-1] |= band[:, 1:]
+        band = grown
+    return band
+
+
+def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (200, 500),
+                 max_objects: int = 4, border: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (image uint8 [H, W, 3], label uint8 [H, W] with 0, class indices and 255 borders)."""
+    h, w = _image_size(rng, size_range)
+    image = _background(rng, h, w)
+    label = np.zeros((h, w), dtype=np.uint8)
+    previous = None
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
+        radius = rng.uniform(0.1, 0.3) * min(h, w)
+        cy, cx = _object_centre(rng, h, w, radius, previous)
+        mask = _object_mask(rng, cls, radius)
+        _paste(image, label, mask, _appearance(rng, cls, mask.shape[0]), cls.index, cy, cx)
+        previous = (cy, cx, radius)
+    # global lighting and sensor noise
+    image *= rng.uniform(0.85, 1.15)
+    image += 4 * rng.standard_normal(image.shape, dtype=np.float32)
+    label[_border_band(label, border)] = 255
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing the dataset
+
+
+def _save_sample(voc: Path, sample_id: str, image: np.ndarray, label: np.ndarray, pal: list[int]) -> None:
+    Image.fromarray(image).save(voc / "JPEGImages" / f"{sample_id}.jpg", quality=JPEG_QUALITY)
+    png = Image.frombytes("P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label).tobytes())
+    png.putpalette(pal)
+    png.save(voc / "SegmentationClassAug" / f"{sample_id}.png")
+
+
+def sample_ids(num_train: int, num_val: int) -> tuple[list[str], list[str]]:
+    return ([f"synth_train_{i:05d}" for i in range(num_train)], [f"synth_val_{i:05d}" for i in range(num_val)])
+
+
+def _meta(num_train, num_val, seed, size_range, max_objects, border) -> dict:
+    return {"generator": "cacnb.data.synthetic", "format_version": FORMAT_VERSION, "seed": seed,
+            "num_train": num_train, "num_val": num_val, "size_range": list(size_range),
+            "max_objects": max_objects, "border": border, "jpeg_quality": JPEG_QUALITY,
+            "classes": {str(c.index): VOC_CLASSES[c.index] for c in OBJECT_CLASSES}}
+
+
+def is_complete(voc: "str | os.PathLike") -> bool:
+    """True when ``voc`` (a VOC2012 folder) holds a finished synthetic dataset."""
+    voc = Path(voc)
+    return (voc / META_NAME).is_file() and (voc / "ImageSets" / "Segmentation" / "val.txt").is_file()
+
+
+def _clean_stale_partials(root: Path) -> None:
+    """Remove temporary folders left by runs that were killed (their process no longer exists)."""
+    for tmp in root.glob(f"{_TMP_PREFIX}*"):
+        pid = tmp.name[len(_TMP_PREFIX):].split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+            continue                                  # still running: leave it alone
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def _generate(voc: Path, splits: Sequence[tuple[str, int, list[str]]], seed: int, size_range, max_objects,
+              border, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    pal = voc_palette()
+    total = sum(len(ids) for _, _, ids in splits)
+    with tqdm(total=total, desc="synthetic VOC", unit="img", disable=not progress) as bar:
+        for _, split_code, ids in splits:
+            for i, sample_id in enumerate(ids):
+                rng = np.random.default_rng([seed, split_code, i])
+                image, label = render_scene(rng, size_range, max_objects, border)
+                _save_sample(voc, sample_id, image, label, pal)
+                bar.update(1)
+    for list_name, _, ids in splits:
+        (voc / "ImageSets" / "Segmentation" / list_name).write_text("".join(f"{i}\n" for i in ids))
+
+
+def make_synthetic_voc(root: "str | os.PathLike", num_train: int = 240, num_val: int = 40, seed: int = 0, *,
+                       size_range: tuple[int, int] = (200, 500), max_objects: int = 4, border: int = 2,
+                       overwrite: bool = False, progress: bool = True) -> Path:
+    """Write a synthetic VOC 2012 tree under ``root`` and return ``root/VOCdevkit/VOC2012``.
+
+    Args:
+        root: folder that will hold ``VOCdevkit/`` (created if missing).
+        num_train, num_val: images listed in ``train_aug.txt`` and ``val.txt``.
+        seed: the same seed gives byte-identical files.
+        size_range: (min, max) side length in pixels; VOC images are at most 500 px.
+        max_objects: objects per image are drawn from 1..max_objects.
+        border: width in pixels of the 255 band along class borders (0: none).
+        overwrite: replace an existing dataset; otherwise an existing complete one is kept and returned.
+        progress: show a tqdm bar and messages.
+    """
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
+    lo, hi = size_range
+    if not 16 <= lo <= hi:
+        raise ValueError(f"size_range must be (min, max) with 16 <= min <= max, got {size_range}")
+    root = Path(root)
+    devkit = root / "VOCdevkit"
+    voc = devkit / "VOC2012"
+    meta = _meta(num_train, num_val, seed, size_range, max_objects, border)
+    if devkit.exists() and not overwrite:
+        return _existing(voc, meta, progress)
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_partials(root)
+    tmp = root / f"{_TMP_PREFIX}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        train_ids, val_ids = sample_ids(num_train, num_val)
+        splits = [("train_aug.txt", 0, train_ids), ("val.txt", 1, val_ids)]
+        _generate(tmp / "VOCdevkit" / "VOC2012", splits, seed, size_range, max_objects, border, progress)
+        # the marker goes last: a folder holding it is complete
+        (tmp / "VOCdevkit" / "VOC2012" / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(tmp / "VOCdevkit", devkit, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"synthetic VOC: {num_train} train + {num_val} val images written to {voc}")
+    return voc
+
+
+def _existing(voc: Path, meta: dict, progress: bool) -> Path:
+    if not is_complete(voc):
+        raise DatasetError(with_readme(
+            f"{voc.parent} exists but does not hold a complete synthetic dataset (no {META_NAME} / val.txt). "
+            f"Delete it, choose another root, or regenerate with overwrite=True (CLI: --force)."))
+    if progress:
+        old = json.loads((voc / META_NAME).read_text())
+        same = all(old.get(k) == v for k, v in meta.items())
+        note = "" if same else (f" (made with num_train={old.get('num_train')}, num_val={old.get('num_val')}, "
+                                f"seed={old.get('seed')}; use overwrite=True / --force to regenerate)")
+        print(f"synthetic VOC already exists at {voc}; skipping{note}")
+    return voc
+
+
+def _swap_into_place(new: Path, target: Path, overwrite: bool) -> None:
+    """Rename ``new`` to ``target``. With ``overwrite`` an existing ``target`` is moved aside first and deleted
+    after; without it, a complete ``target`` that another process finished meanwhile is kept."""
+    old = None
+    if target.exists() and overwrite:
+        old = target.with_name(f"{_TMP_PREFIX}{os.getpid()}-old")
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if not is_complete(target / "VOC2012"):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cacnb.data.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="data/synthetic", help="folder that will hold VOCdevkit/")
+    parser.add_argument("--num-train", type=int, default=240)
+    parser.add_argument("--num-val", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-size", type=int, default=200, help="smallest image side")
+    parser.add_argument("--max-size", type=int, default=500, help="largest image side")
+    parser.add_argument("--force", action="store_true", help="regenerate even if the dataset exists")
+    args = parser.parse_args(argv)
+    from ..paths import resolve
+
+    try:
+        make_synthetic_voc(resolve(args.root), args.num_train, args.num_val, args.seed,
+                           size_range=(args.min_size, args.max_size), overwrite=args.force)
+    except (DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Split lists: official line format, round trip, seeded disjoint splits, official lists by path."""
+from __future__ import annotations
+
+import pytest
+
+from cacnb.config import load_config
+from cacnb.data import splits
+from cacnb.data.errors import DatasetError
+from cacnb.data.splits import make_splits, read_split, resolve_splits, write_split
+
+
+def _cfg(data_dir, **over):
+    return load_config("synthetic", {"data.data_dir": str(data_dir), **{f"data.{k}": v for k, v in over.items()}})
+
+
+def test_line_format_round_trip(tmp_path):
+    pairs = splits.voc_pairs(["2007_000032", "2011_003271"])
+    assert pairs[0] == ("/JPEGImages/2007_000032.jpg", "/SegmentationClassAug/2007_000032.png")
+    path = write_split(tmp_path / "x" / "list.txt", pairs)
+    assert path.read_text().splitlines()[0] == "/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png"
+    assert read_split(path) == pairs
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["list.txt"]   # no temporary files left
+
+
+def test_cityscapes_pairs_and_other_line_forms(tmp_path):
+    img = "/leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
+    pair = splits.cityscapes_pair(img)
+    assert pair == (img, "/gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png")
+    assert splits.parse_line(img) == pair
+    assert splits.parse_line("2007_000032") == splits.voc_pair("2007_000032")
+    assert splits.parse_line("JPEGImages/a.jpg SegmentationClassAug/a.png") == splits.voc_pair("a")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("/JPEGImages/a.jpg /SegmentationClassAug/a.png\none two three\n")
+    with pytest.raises(DatasetError, match=r"bad.txt, line 2"):
+        read_split(bad)
+
+
+def test_read_split_errors_name_the_file(tmp_path):
+    with pytest.raises(DatasetError, match=r"missing\.txt.*\n.*data_README\.md"):
+        read_split(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DatasetError, match="empty"):
+        read_split(tmp_path / "empty.txt")
+
+
+def test_make_splits_disjoint_seeded_and_complete():
+    ids = [f"id{i:03d}" for i in range(50)]
+    lab, unl = make_splits(ids, 12, seed=0)
+    assert len(lab) == 12 and len(unl) == 38
+    assert not set(lab) & set(unl) and set(lab) | set(unl) == set(ids)
+    assert lab == sorted(lab, key=ids.index)                     # input order kept
+    assert make_splits(ids, 12, seed=0) == (lab, unl)
+    assert make_splits(ids, 12, seed=1)[0] != lab
+    with pytest.raises(DatasetError, match="only 50 images"):
+        make_splits(ids, 50, seed=0)
+    with pytest.raises(DatasetError, match=">= 1"):
+        make_splits(ids, 0, seed=0)
+
+
+def test_resolve_splits_generates_once(synthetic_data_dir):
+    cfg = _cfg(synthetic_data_dir, n_labeled=5, split_seed=7)
+    files = resolve_splits(cfg.data)
+    root = splits.dataset_root(cfg.data)
+    assert files.labeled == root / "cacnb_splits" / "seed7" / "5_train_supervised.txt"
+    assert files.unlabeled.name == "5_train_unsupervised.txt" and files.val.name == "val.txt"
+    lab, unl, val = (read_split(p) for p in files)
+    assert len(lab) == 5 and len(unl) == 19 and len(val) == 6
+    assert not set(lab) & set(unl) and not (set(lab) | set(unl)) & set(val)
+    for pair in lab + val:
+        image, label = splits.pair_paths(root, pair)
+        assert image.is_file() and label.is_file()
+    stamp = files.labeled.stat().st_mtime_ns
+    assert resolve_splits(cfg) == files and files.labeled.stat().st_mtime_ns == stamp   # reused, not rewritten
+    other = resolve_splits(_cfg(synthetic_data_dir, n_labeled=5, split_seed=8).data)
+    assert read_split(other.labeled) != lab
+
+
+def test_too_many_labeled_is_explained(synthetic_data_dir):
+    with pytest.raises(DatasetError, match="n_labeled=24 but the training set has only 24"):
+        resolve_splits(_cfg(synthetic_data_dir, n_labeled=24, split_seed=99).data)
+
+
+def test_official_lists_are_taken_by_path(synthetic_data_dir, tmp_path):
+    ids = [f"synth_train_{i:05d}" for i in range(24)]
+    official = tmp_path / "voc_splits0"
+    write_split(official / "3_train_supervised.txt", splits.voc_pairs(ids[:3]))
+    write_split(official / "3_train_unsupervised.txt", splits.voc_pairs(ids[3:]))
+    files = resolve_splits(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data)
+    assert files.labeled == official / "3_train_supervised.txt"
+    assert read_split(files.labeled) == splits.voc_pairs(ids[:3])
+    assert files.val.is_file() and len(read_split(files.val)) == 6   # val from the dataset when not given
+    (official / "val.txt").write_text("/JPEGImages/synth_val_00000.jpg /SegmentationClassAug/synth_val_00000.png\n")
+    assert resolve_splits(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data).val == \
+        official / "val.txt"
+    with pytest.raises(DatasetError, match=r"no 1323_train_supervised.txt.*n_labeled in \['3'\]"):
+        resolve_splits(_cfg(synthetic_data_dir, n_labeled=1323, split_dir=str(official)).data)
+
+
+def test_dataset_root_forms_and_errors(synthetic_voc, tmp_path):
+    assert splits.dataset_root(_cfg(synthetic_voc.parent.parent).data) == synthetic_voc
+    assert splits.dataset_root(_cfg(synthetic_voc).data) == synthetic_voc              # VOC2012 itself
+    with pytest.raises(DatasetError, match=r"does not exist.*cacnb\.data\.synthetic"):
+        splits.dataset_root(_cfg(tmp_path / "nowhere").data)
+    with pytest.raises(DatasetError, match="no JPEGImages"):
+        splits.dataset_root(_cfg(tmp_path).data)
+    city = load_config("cityscapes_r50_372", {"data.data_dir": str(tmp_path)})
+    with pytest.raises(DatasetError, match="leftImg8bit, gtFine"):
+        splits.dataset_root(city.data)
+
+
+def test_cityscapes_lists_by_scanning(tmp_path):
+    for subset, city, n in (("train", "aachen", 3), ("val", "lindau", 1)):
+        (tmp_path / "leftImg8bit" / subset / city).mkdir(parents=True)
+        (tmp_path / "gtFine" / subset / city).mkdir(parents=True)
+        for k in range(n):
+            (tmp_path / "leftImg8bit" / subset / city / f"{city}_{k:06d}_000019_leftImg8bit.png").touch()
+    cfg = load_config("cityscapes_r50_372", {"data.data_dir": str(tmp_path), "data.n_labeled": 1})
+    files = resolve_splits(cfg.data)
+    lab, unl, val = (read_split(p) for p in files)
+    assert len(lab) == 1 and len(unl) == 2 and len(val) == 1
+    assert val[0][1] == "/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png"

@@ -1,0 +1,84 @@
+"""Infinite, reshuffling, rank-sharded sampling (replaces the official ``itertools.cycle``).
+
+``itertools.cycle`` over a DataLoader caches every batch of the first pass and replays the very same augmented
+crops forever. Here every pass draws a fresh permutation and every item a fresh sample seed, so augmentation is
+new each time, yet the whole stream is a pure function of ``(seed, rank, world_size)``: resuming at item ``start``
+reproduces exactly what an uninterrupted run would have drawn, whatever the number of DataLoader workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; distinct tuples give unrelated seeds."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class InfiniteSampler(Sampler):
+    """Yields ``(index, sample_seed)`` forever for this rank.
+
+    Pass ``p`` permutes ``range(n)`` with a generator seeded by ``(seed, p)`` (the same on every rank), pads it by
+    wrapping to a multiple of ``world_size`` and gives rank ``r`` the items ``r, r + world, ...``: the
+    DistributedSampler split, so ranks are disjoint within a pass except for the padding. The item at position
+    ``t`` of this rank's stream gets ``sample_seed = mix(seed, rank, t)``. ``start`` skips the first ``start``
+    items of the stream (already consumed before a resume) without touching the dataset.
+    """
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 start: int = 0):
+        if n < 1:
+            raise ValueError("InfiniteSampler needs a non-empty dataset")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.n, self.seed, self.rank, self.world_size = n, int(seed), rank, world_size
+        self.shuffle, self.start = shuffle, int(start)
+        self.per_rank = math.ceil(n / world_size)
+
+    def shard(self, pass_index: int) -> list[int]:
+        """This rank's indices in pass ``pass_index``."""
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, pass_index))
+            order = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world_size
+        order = (order * math.ceil(total / self.n))[:total]  # pad by wrapping, as DistributedSampler does
+        return order[self.rank:total:self.world_size]
+
+    def sample_seed(self, position: int) -> int:
+        return mix_seed(self.seed, self.rank, position)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pass_index, skip = divmod(self.start, self.per_rank)
+        position = self.start
+        while True:
+            for index in self.shard(pass_index)[skip:]:
+                yield index, self.sample_seed(position)
+                position += 1
+            pass_index, skip = pass_index + 1, 0
+
+
+def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                      num_workers: int = 0, start: int = 0, pin_memory: bool | None = None,
+                      prefetch_factor: int | None = None) -> DataLoader:
+    """An endless DataLoader of training batches for this rank (use ``iter()``; the trainer counts iterations).
+
+    ``start`` is the number of *items* this rank has already consumed (iterations x per-rank batch size).
+    The DataLoader gets its own generator, so creating it never consumes torch's global random stream.
+    """
+    sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    extra = {}
+    if num_workers > 0:
+        extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor or 2}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(mix_seed(seed, rank, -1)),
+                      **extra)

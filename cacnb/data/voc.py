@@ -1,0 +1,133 @@
+"""PASCAL VOC 2012 (+ SegmentationClassAug) reader and the labeled dataset built on it.
+
+:class:`SegFiles` is the list of (image, label) files of a dataset and how to read one; Cityscapes subclasses it.
+:class:`LabeledDataset` wraps a SegFiles with the official labeled recipe (train) or the whole image (val).
+The synthetic dataset is written in the VOC layout, so it is read by exactly this code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from . import transforms as T
+from .errors import DatasetError
+from .splits import pair_id, pair_paths
+
+Pair = tuple[str, str]
+
+
+def read_image(path: Path) -> tv_tensors.Image:
+    """An RGB image as uint8 ``[3, H, W]`` (a channels-last view, which the resize kernels prefer).
+
+    A missing or undecodable file raises DatasetError naming it. (PIL rather than torchvision.io, whose decoders
+    are deprecated.)
+    """
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")  # forces the full decode, so truncated files fail here
+    except FileNotFoundError:
+        raise DatasetError(f"image {path} is missing. Check data.data_dir and the split list that names it, "
+                           f"or remove the entry from the list.") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"image {path} is corrupt or not an image ({e}). Re-extract or re-download it, or "
+                           f"remove its line from the split list.") from None
+    hwc = torch.from_numpy(np.array(rgb, dtype=np.uint8))  # [H, W, 3]
+    return tv_tensors.Image(hwc.permute(2, 0, 1))
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """Class indices ``[H, W]`` from a palette (mode P) or grey (mode L) PNG; colours are never interpreted."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, array = im.mode, np.asarray(im)
+    except FileNotFoundError:
+        raise DatasetError(f"label {path} is missing. Check data.data_dir and the split list that names it "
+                           f"(labels live beside the images, e.g. SegmentationClassAug/ for VOC).") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"label {path} is corrupt or not an image ({e}). Re-extract it, or remove its line "
+                           f"from the split list.") from None
+    if mode not in ("P", "L", "I", "I;16"):
+        raise DatasetError(f"label {path} has mode {mode}: labels must be index PNGs (palette or greyscale, one "
+                           f"class id per pixel, 255 = ignore), not colour images. Use SegmentationClassAug "
+                           f"(or convert colour masks to indices).")
+    return array
+
+
+class SegFiles:
+    """``(root, pairs)``: list entries relative to ``root`` (leading slash as in the official lists)."""
+
+    def __init__(self, root: "str | os.PathLike", pairs: Sequence[Pair]):
+        self.root = Path(root)
+        self.pairs = [tuple(p) for p in pairs]
+        if not self.pairs:
+            raise DatasetError(f"no samples listed for the dataset at {self.root}; the split list is empty")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def paths(self, index: int) -> tuple[Path, Path]:
+        return pair_paths(self.root, self.pairs[index])
+
+    def item_id(self, index: int) -> str:
+        return pair_id(self.pairs[index])
+
+    def read_label(self, path: Path) -> np.ndarray:
+        return read_index_png(path)
+
+    def read(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """(uint8 image ``[3, H, W]``, uint8 mask ``[H, W]``) of one sample, sizes checked."""
+        image_path, label_path = self.paths(index)
+        image = read_image(image_path)
+        label = self.read_label(label_path)
+        if tuple(label.shape) != tuple(image.shape[-2:]):
+            raise DatasetError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} is "
+                               f"{image.shape[-1]}x{image.shape[-2]}; the pair does not belong together.")
+        return image, tv_tensors.Mask(torch.from_numpy(np.array(label, dtype=np.uint8)))
+
+
+VOCFiles = SegFiles
+
+
+class LabeledDataset(Dataset):
+    """Labeled images. ``train=True``: the official random rescale / pad / crop / flip (+ optional jitter);
+    ``train=False``: the whole image at its own size. Items: ``{"image": float [3,H,W], "label": long [H,W],
+    "id": str}``. ``ds[(i, sample_seed)]`` makes every random draw of the item a function of ``sample_seed``.
+    """
+
+    def __init__(self, files: SegFiles, *, train: bool = True, crop_size: int = 320, base_size: int = 400,
+                 scale_range: Sequence[float] = (0.5, 2.0), ignore_index: int = 255, color_jitter: bool = False):
+        self.files = files
+        self.train = train
+        self.crop_size = crop_size
+        self.base_size = base_size
+        self.scale_range = tuple(scale_range)
+        self.ignore_index = ignore_index
+        self.color_jitter = color_jitter
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key) -> dict:
+        index, sample_seed = T.split_key(key)
+        image, mask = self.files.read(index)
+        if self.train:
+            with T.seeded(sample_seed):
+                image, mask = T.train_augment(image, mask, crop_size=self.crop_size, base_size=self.base_size,
+                                              scale_range=self.scale_range, ignore_index=self.ignore_index,
+                                              jitter=self.color_jitter)
+        image, label = T.to_model_input(image, mask)
+        return {"image": image, "label": label, "id": self.files.item_id(index)}
+
+
+def voc_dataset(root: "str | os.PathLike", pairs: Sequence[Pair], **kwargs) -> LabeledDataset:
+    """A :class:`LabeledDataset` over VOC-layout files (``train=``, ``crop_size=`` ... as keywords)."""
+    return LabeledDataset(SegFiles(root, pairs), **kwargs)
+

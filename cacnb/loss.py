@@ -1,0 +1,239 @@
+"""CAC's unsupervised loss: overlap gathering, negative sampling, the feature bank, and the glue.
+
+The paper (Lai et al., CVPR 2021, Sec. 3.2-3.3) crops two overlapping patches of an unlabeled image. Features
+of the overlap region should agree across the two contexts (the positive pair), and differ from features of
+other positions (the negatives), except those with the same pseudo-label (the false-negative filter). The
+directional mask lets only the less confident side move towards the more confident one, and only when that one
+is confident enough. The loss itself lives in :mod:`cacnb.contrastive`; this module prepares its inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cacnb import dist
+from cacnb.contrastive import (  # noqa: F401  (re-exported: the public loss API)
+    direction_weights,
+    directional_contrastive_loss,
+    directional_contrastive_loss_reference,
+)
+
+__all__ = [
+    "gather_overlap", "sample_negatives", "negatives_per_crop", "FeatureBank", "cac_unsup_loss",
+    "confidence_and_pseudo_label",
+    "directional_contrastive_loss", "directional_contrastive_loss_reference", "direction_weights",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# overlap gathering
+
+
+def _overlap_index(overlap_k, flip_k, h, w, stride):
+    """Flat indices into a ``[B*h*w]`` map of crop k's overlap positions, row-major within each box.
+
+    ``overlap_k`` ``[B, 4]`` (top, left, bottom, right) in the raw crop's pixels; ``flip_k`` ``[B]``: the map as
+    given is the raw crop flipped horizontally, so raw column ``x`` sits at column ``w - 1 - x``.
+    """
+    cells = []
+    for b, (top, left, bottom, right) in enumerate((overlap_k // stride).tolist()):
+        rows = torch.arange(top, bottom)
+        cols = torch.arange(left, right)
+        if bool(flip_k[b]):
+            cols = w - 1 - cols
+        cells.append(b * h * w + (rows[:, None] * w + cols[None, :]).reshape(-1))
+    return torch.cat(cells) if cells else torch.zeros(0, dtype=torch.long)
+
+
+def _check_overlap(overlap, flip, batch, h, w, stride):
+    if overlap.shape != (batch, 2, 4) or flip.shape != (batch, 2):
+        raise ValueError(f"overlap must be [B, 2, 4] and flip [B, 2] with B = {batch}, got "
+                         f"{tuple(overlap.shape)} and {tuple(flip.shape)}")
+    if bool((overlap % stride != 0).any()):
+        raise ValueError(f"overlap boxes must be multiples of the stride {stride} (data.stride), got "
+                         f"{overlap.tolist()}")
+    box = overlap // stride
+    size = torch.stack([box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]], -1)  # [B, 2, 2]
+    if bool((size[:, 0] != size[:, 1]).any()) or bool((size <= 0).any()):
+        raise ValueError(f"the two crops' overlap boxes must be non-empty and of equal size, got {overlap.tolist()}")
+    if bool((box[..., :2] < 0).any()) or bool((box[..., 2] > h).any()) or bool((box[..., 3] > w).any()):
+        raise ValueError(f"overlap boxes {overlap.tolist()} exceed the {h}x{w} feature map at stride {stride}; "
+                         f"is data.stride right for this model?")
+
+
+def gather_overlap(x_a, x_b, overlap, flip, stride=8):
+    """The values of both crops' maps at the shared positions, aligned: ``(a [n, ...], b [n, ...])``.
+
+    ``x_*`` are ``[B, C, h, w]`` (features, logits) or ``[B, h, w]`` (confidence, pseudo-label) maps at
+    ``stride``; ``overlap`` ``[B, 2, 4]`` long boxes (top, left, bottom, right) in each raw crop's pixels;
+    ``flip`` ``[B, 2]`` bool. Row ``r`` of both outputs is the same image position, row-major within each
+    pair's box and concatenated over the batch.
+    """
+    batch, h, w = x_a.shape[0], x_a.shape[-2], x_a.shape[-1]
+    if x_b.shape != x_a.shape:
+        raise ValueError(f"x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} must have the same shape")
+    overlap, flip = overlap.cpu().long(), flip.cpu().bool()
+    _check_overlap(overlap, flip, batch, h, w, stride)
+    out = []
+    for k, x in enumerate((x_a, x_b)):
+        index = _overlap_index(overlap[:, k], flip[:, k], h, w, stride).to(x.device)
+        flat = x.movedim(1, -1).reshape(batch * h * w, -1) if x.dim() == 4 else x.reshape(-1)  # [B*h*w, C]
+        out.append(flat[index])
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# negatives
+
+
+def sample_negatives(feat, label, num, generator: Optional[torch.Generator] = None):
+    """``min(num, B*h*w)`` distinct random positions of ``feat`` ``[B, c, h, w]``: ``([m, c], [m])``, detached.
+
+    The official code draws with numpy and fails when ``num`` exceeds the positions; here a torch generator
+    (on any device; indices move to the features' device) makes it reproducible, and few positions mean all.
+    """
+    b, c, h, w = feat.shape
+    total = b * h * w
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    index = torch.randperm(total, generator=generator, device=gen_device)[:min(int(num), total)]
+    index = index.to(feat.device)
+    flat = feat.detach().movedim(1, -1).reshape(total, c)                 # [B*h*w, c]
+    return flat[index], label.detach().reshape(total)[index]
+
+
+def negatives_per_crop(loss_cfg, world_size: int) -> int:
+    """Negatives each rank samples from each crop.
+
+    Official: ``selected_num``, so the total a loss sees is ``2 × selected_num × world × (step_save + 1)`` and
+    depends on the GPU count. With ``loss.neg_total`` set, the per-crop count is
+    ``neg_total // (2 × world × (step_save + 1))`` so the total stays fixed whatever the world size.
+    """
+    if loss_cfg.neg_total is None:
+        return int(loss_cfg.selected_num)
+    per_crop = int(loss_cfg.neg_total) // (2 * world_size * (loss_cfg.step_save + 1))
+    if per_crop < 1:
+        raise ValueError(f"loss.neg_total = {loss_cfg.neg_total} is too small for {world_size} ranks and "
+                         f"loss.step_save = {loss_cfg.step_save}: it must be at least "
+                         f"{2 * world_size * (loss_cfg.step_save + 1)}")
+    return per_crop
+
+
+class FeatureBank(nn.Module):
+    """The negatives of the last ``step_save + 1`` steps (official semantics), as checkpointable buffers.
+
+    ``feat`` ``[total, c]`` and ``label`` ``[total]`` hold the sets back to back, oldest first; ``lengths``
+    ``[k]`` their row counts. Loading a state dict restores the sets even into a fresh, empty bank.
+    """
+
+    def __init__(self, step_save: int):
+        super().__init__()
+        if step_save < 0:
+            raise ValueError(f"step_save must be >= 0 (config key loss.step_save), got {step_save}")
+        self.step_save = int(step_save)
+        self.register_buffer("feat", torch.zeros(0, 0))
+        self.register_buffer("label", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("lengths", torch.zeros(0, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @torch.no_grad()
+    def push(self, feat, label):
+        """Append one gathered set, drop the oldest beyond ``step_save + 1``; return ``(all_feat, all_label)``."""
+        feat, label = feat.detach(), label.detach().long()
+        if len(self) and self.feat.shape[1] != feat.shape[1]:
+            raise ValueError(f"the feature bank holds {self.feat.shape[1]}-dim features but got {feat.shape[1]}-dim "
+                             f"ones: was it restored from a checkpoint with another model.proj_dim?")
+        if len(self) == 0:
+            old_feat, old_label = feat[:0], label[:0]
+            lengths = torch.zeros(0, dtype=torch.long)
+        else:
+            old_feat = self.feat.to(feat.device, feat.dtype)
+            old_label, lengths = self.label.to(label.device), self.lengths.cpu()
+        all_feat, all_label = torch.cat([old_feat, feat]), torch.cat([old_label, label])
+        lengths = torch.cat([lengths, torch.tensor([len(feat)])])
+        drop = int(lengths[:-(self.step_save + 1)].sum())
+        # clone: a sliced view would keep (and checkpoint) the dropped rows' storage
+        self.feat, self.label = all_feat[drop:].clone(), all_label[drop:].clone()
+        self.lengths = lengths[-(self.step_save + 1):].to(feat.device)
+        return self.feat, self.label
+
+    def sets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The stored sets, oldest first."""
+        sizes = self.lengths.tolist()
+        return list(zip(self.feat.split(sizes), self.label.split(sizes)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The bank's shape changes with its contents, so take the saved tensors as they are.
+        for name in ("feat", "label", "lengths"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, state_dict[key].detach().to(getattr(self, name).device, copy=True))
+            elif strict:
+                missing_keys.append(key)
+        if int(self.lengths.sum()) != len(self.feat) or len(self.feat) != len(self.label):
+            error_msgs.append(f"{prefix}: bank lengths {self.lengths.tolist()} do not match feat "
+                              f"{tuple(self.feat.shape)} / label {tuple(self.label.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the glue
+
+
+@torch.no_grad()
+def confidence_and_pseudo_label(logits):
+    """Max softmax and argmax over classes: ``conf`` ``[B, h, w]``, ``pseudo_label`` ``[B, h, w]``."""
+    conf, pseudo_label = torch.softmax(logits.detach().float(), dim=1).max(dim=1)
+    return conf, pseudo_label
+
+
+def _negatives(crops, world_size, bank, loss_cfg, generator):
+    """Sample each crop's negatives, gather them over ranks and push them to the bank."""
+    num = negatives_per_crop(loss_cfg, world_size)
+    feats, labels = zip(*(sample_negatives(proj, pseudo_label, num, generator) for proj, pseudo_label in crops))
+    feat = dist.all_gather_nograd(torch.cat(feats))                        # [world * 2 * num, c]
+    label = dist.all_gather_nograd(torch.cat(labels))
+    return bank.push(feat, label)
+
+
+def _neg_kept_mean(anchor_labels, neg_label):
+    """Mean over anchors of the negatives the same-label filter keeps."""
+    if len(anchor_labels) == 0:
+        return 0.0
+    size = int(max(anchor_labels.max(), neg_label.max() if len(neg_label) else 0)) + 1
+    per_class = torch.bincount(neg_label, minlength=size)
+    return float((len(neg_label) - per_class[anchor_labels]).float().mean())
+
+
+def cac_unsup_loss(crop_a: dict, crop_b: dict, overlap, flip, bank: FeatureBank, loss_cfg, *,
+                   generator: Optional[torch.Generator], stride: int = 8):
+    """``weight_unsup × (loss_a + loss_b)`` for a batch of pairs, and float statistics to log.
+
+    ``crop_*`` are the model's ``crop_outputs`` dicts (``"proj"`` ``[B, c, h, w]`` L2-normalised,
+    ``"logits"`` ``[B, K, h, w]``). Confidences and pseudo-labels come from the logits without gradient.
+    Negatives are sampled from both crops, gathered across ranks and pushed to ``bank``.
+    """
+    conf_map_a, label_map_a = confidence_and_pseudo_label(crop_a["logits"])
+    conf_map_b, label_map_b = confidence_and_pseudo_label(crop_b["logits"])
+    feat_a, feat_b = gather_overlap(crop_a["proj"], crop_b["proj"], overlap, flip, stride)
+    conf_a, conf_b = gather_overlap(conf_map_a, conf_map_b, overlap, flip, stride)
+    label_a, label_b = gather_overlap(label_map_a, label_map_b, overlap, flip, stride)
+    crops = [(crop_a["proj"], label_map_a), (crop_b["proj"], label_map_b)]
+    neg_feat, neg_label = _negatives(crops, dist.get_world_size(), bank, loss_cfg, generator)
+    loss_a, loss_b = directional_contrastive_loss(
+        feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label,
+        temperature=loss_cfg.temperature, pos_thresh=loss_cfg.pos_thresh,
+        chunk_size=loss_cfg.chunk_size, precision=loss_cfg.precision)
+    w_a, w_b = direction_weights(conf_a, conf_b, loss_cfg.pos_thresh)
+    stats = {
+        "loss_a": float(loss_a.detach()), "loss_b": float(loss_b.detach()),
+        "n_overlap": float(len(feat_a)),
+        "frac_pos_a": float(w_a.float().mean()) if len(w_a) else 0.0,
+        "frac_pos_b": float(w_b.float().mean()) if len(w_b) else 0.0,
+        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a, label_b]), neg_label),
+        "n_neg": float(len(neg_label)),
+    }
+    return loss_cfg.weight_unsup * (loss_a + loss_b), stats

@@ -1,0 +1,184 @@
+"""Training-loop pieces: the poly schedule, one CAC training step, and atomic, resumable checkpoints.
+
+The step implements the paper's objective
+
+    L = L_sup + lambda_u * (L_dc(a <- b) + L_dc(b <- a)) * [epoch >= epoch_start_unsup]
+
+with ``L_sup`` the cross-entropy on the labeled crop (ignore index 255) and ``L_dc`` the directional
+contrastive loss of :mod:`cacnb.loss`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dist
+from .config import Config
+
+CHECKPOINT_FORMAT = "cacnb-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedule
+
+
+def poly_factor(iteration: int, total: int, power: float = 0.9) -> float:
+    """lr(it) = lr0 * (1 - it / total) ** power, evaluated every iteration."""
+    return max(0.0, 1.0 - iteration / max(1, total)) ** power
+
+
+def set_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int, power: float) -> float:
+    """Apply the poly schedule to every group (each keeps its own ``initial_lr``); return the head lr."""
+    factor = poly_factor(iteration, total, power)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return optimizer.param_groups[-1]["lr"]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
+    """SGD(momentum 0.9, wd 1e-4); the backbone at ``lr * backbone_lr_mult`` (official: lr / 10)."""
+    groups = model.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one step
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)   # scalar tensors, for the NaN check + logs
+    stats: dict[str, float] = field(default_factory=dict)          # loss statistics (floats)
+
+
+def supervised_loss(sup_logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy on the 1/4-resolution logits upsampled to the label size, as the official code does."""
+    logits = F.interpolate(sup_logits, size=label.shape[-2:], mode="bilinear", align_corners=True)
+    return F.cross_entropy(logits.float(), label, ignore_index=ignore_index)
+
+
+def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, bank=None,
+               generator: Optional[torch.Generator] = None) -> StepResult:
+    """Forward both branches in one model call (one DDP forward) and return the loss and its terms.
+
+    ``batch_u`` is None in supervised mode and before ``epoch_start_unsup``.
+    """
+    from .loss import cac_unsup_loss
+
+    device = next(model.parameters()).device
+    x_l = batch_l["image"].to(device, non_blocking=True)
+    y_l = batch_l["label"].to(device, non_blocking=True)
+    if batch_u is None:
+        out = model(x_l, None, None, outputs="train")
+        loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
+        return StepResult(loss_sup, {"loss_sup": loss_sup.detach()})
+    pair = batch_u["image"].to(device, non_blocking=True)                       # [B, 2, 3, S, S]
+    out = model(x_l, pair[:, 0], pair[:, 1], outputs="train")
+    loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
+    crop_a, crop_b = out["crops"]
+    loss_unsup, stats = cac_unsup_loss(crop_a, crop_b, batch_u["overlap"].to(device), batch_u["flip"].to(device),
+                                       bank, cfg.loss, generator=generator, stride=cfg.data.stride)
+    terms = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach()}
+    return StepResult(loss_sup + loss_unsup, terms, stats)
+
+
+def first_bad_term(result: StepResult) -> Optional[str]:
+    """Name of the first non-finite loss term, the parts before the total (None when all are finite)."""
+    for name, value in {**result.terms, "loss": result.loss.detach()}.items():
+        if not torch.isfinite(value).all():
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG state (per rank) and checkpoints
+
+
+def rng_state(generator: Optional[torch.Generator]) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if generator is not None:
+        state["negatives"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if generator is not None and "negatives" in state:
+        generator.set_state(state["negatives"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def make_checkpoint(model, optimizer, cfg: Config, *, bank, scaler, epoch: int, iteration: int,
+                    rngs: list, history: list, best_miou: float) -> dict:
+    """A checkpoint of plain tensors and primitives, loadable with ``torch.load(weights_only=True)``."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "bank": bank.state_dict() if bank is not None else None,
+        "config": cfg.to_dict(),
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "rng": rngs,
+        "history": history,
+        "best_miou": float(best_miou),
+        "world_size": dist.get_world_size(),
+    }
+
+
+def save_checkpoint(state: dict, path: "str | os.PathLike") -> Path:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``. A crash never leaves a torn
+    file under ``path``; the previous checkpoint stays until the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_training_checkpoint(path: "str | os.PathLike") -> dict:
+    """Read one of our checkpoints safely (``weights_only=True``) and check it is a training checkpoint."""
+    from .checkpoint_io import CheckpointError, safe_load
+
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a cacnb training checkpoint (no 'format': '{CHECKPOINT_FORMAT}'); "
+                         f"to start from other weights use cacnb.model.load_checkpoint instead of --resume")
+    for key in ("model", "optimizer", "iteration"):
+        if key not in state:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}', so the run cannot resume from it")
+    return state

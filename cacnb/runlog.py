@@ -1,0 +1,159 @@
+"""What a run leaves in its run dir, and how notebooks read it back.
+
+- ``config.json``: the full config.
+- ``env.json``: versions, git commit, devices, world size.
+- ``metrics.jsonl``: one JSON object per line, ``{"kind": "train", ...}`` every log step and
+  ``{"kind": "val", ...}`` after every validation. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from .config import atomic_write_text
+
+
+def environment(world_size: int) -> dict:
+    """Versions, git commit, devices and world size, for ``env.json``."""
+    import torchvision
+
+    from . import __version__
+
+    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+               if torch.cuda.is_available() else [f"cpu ({os.cpu_count()} cores)"])
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cacnb": __version__,
+        "git_commit": git_commit(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "devices": devices,
+        "world_size": world_size,
+        "argv": sys.argv,
+    }
+
+
+def git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _clean(value):
+    """JSON-safe: tensors to Python numbers, NaN to None (strict JSON has no NaN)."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` writer; each line is flushed so a crash loses at most the line in flight."""
+
+    def __init__(self, path: "str | os.PathLike", enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+            f.flush()
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume, drop lines logged after the checkpoint so the log matches the restored state."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("iter", 0) <= iteration]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_metrics(path: "str | os.PathLike") -> list[dict]:
+    """All records of a ``metrics.jsonl`` (or of the one in a run dir); a torn last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: has the run started? Run notebook 03 or "
+                                f"`python -m cacnb.train` first")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def split_kinds(records: Iterable[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r.get("kind", "train"), []).append(r)
+    return out
+
+
+def best_val(run_dir: "str | os.PathLike") -> Optional[dict]:
+    """The validation record with the highest mIoU, or None."""
+    vals = split_kinds(read_metrics(run_dir)).get("val", [])
+    vals = [v for v in vals if v.get("miou") is not None]
+    return max(vals, key=lambda v: v["miou"]) if vals else None
+
+
+def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", figsize=(15, 3.6)):
+    """Losses, lr, fraction of positives kept, and validation mIoU of one or several runs, side by side."""
+    import matplotlib.pyplot as plt
+
+    if not isinstance(run_dirs, dict):
+        run_dirs = {Path(run_dirs).name: run_dirs}
+    fig, axes = plt.subplots(1, 4, figsize=figsize)
+    for label, run_dir in run_dirs.items():
+        kinds = split_kinds(read_metrics(run_dir))
+        _plot_train(axes[:3], kinds.get("train", []), label)
+        vals = kinds.get("val", [])
+        if vals:
+            axes[3].plot([v["iter"] for v in vals], [100 * (v["miou"] or 0) for v in vals], "o-", label=label)
+    titles = ("loss terms", "learning rate (head)", "overlap positions pulled (%)", "val mIoU (%)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_train(axes, rows: list[dict], label: str) -> None:
+    if not rows:
+        return
+    it = [r["iter"] for r in rows]
+    for key, style in (("loss_sup", "-"), ("loss_unsup", "--")):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            axes[0].plot(it, [float("nan") if y is None else y for y in ys], style, label=f"{label}: {key}")
+    axes[1].plot(it, [r.get("lr", float("nan")) for r in rows], label=label)
+    for key in ("frac_pos_a", "frac_pos_b"):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            axes[2].plot(it, [float("nan") if y is None else 100 * y for y in ys], label=f"{label}: {key}")

@@ -1,0 +1,161 @@
+"""Training: run dir contents, exact resume, NaN stop, 2-process gloo DDP, CLI errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cacnb.config import load_config, save_config
+from cacnb.runlog import read_metrics, split_kinds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(tmp_path, data_dir, **over):
+    base = {
+        "data.data_dir": str(data_dir), "data.n_labeled": 8, "data.crop_size": 64, "data.base_size": 80,
+        "data.num_workers": 0, "data.val_max_images": 2,
+        "model.backbone": "resnet18", "model.pretrained": None,
+        "loss.selected_num": 64, "loss.epoch_start_unsup": 0,
+        "train.epochs": 2, "train.iters_per_epoch": 3, "train.batch_size": 2, "train.batch_size_unsup": 2,
+        "train.log_every": 1, "train.out_dir": str(tmp_path), "train.run_name": "run",
+    }
+    base.update(over)
+    return load_config("synthetic", base)
+
+
+def train_losses(run_dir):
+    rows = split_kinds(read_metrics(run_dir))["train"]
+    return {r["iter"]: (r["loss"], r.get("loss_sup"), r.get("loss_unsup")) for r in rows}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_semi_run_writes_the_run_dir(tmp_path, synthetic_data_dir):
+    from cacnb.train import train
+
+    run = train(tiny(tmp_path, synthetic_data_dir))
+    for name in ("config.json", "env.json", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (run / name).exists(), name
+    kinds = split_kinds(read_metrics(run))
+    assert [r["iter"] for r in kinds["train"]] == list(range(1, 7))
+    assert all("loss_unsup" in r and "frac_pos_a" in r and "lr" in r for r in kinds["train"])
+    assert len(kinds["val"]) == 2 and 0.0 <= kinds["val"][-1]["miou"] <= 1.0
+    assert kinds["final"][0]["ranks_in_sync"] is True
+    state = torch.load(run / "last.pt", weights_only=True)  # plain tensors and primitives only
+    assert state["iteration"] == 6 and state["format"] == "cacnb-checkpoint"
+    assert set(state) >= {"model", "optimizer", "bank", "rng", "config", "history", "epoch", "scaler"}
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 1 and env["torch"] == torch.__version__
+    # the poly schedule decays every iteration; the backbone runs at lr / 10 (synthetic preset: x1, so check ratio)
+    lrs = [r["lr"] for r in kinds["train"]]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    # a finished run is not retrained when launched again
+    assert train(tiny(tmp_path, synthetic_data_dir)) == run
+    assert len(split_kinds(read_metrics(run))["train"]) == 6
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_resume_is_exact(tmp_path, synthetic_data_dir):
+    """N iterations + resume + N iterations give the same losses as 2N straight."""
+    from cacnb.train import train
+
+    straight = train(tiny(tmp_path / "a", synthetic_data_dir))
+    first = train(tiny(tmp_path / "b", synthetic_data_dir, **{"train.max_iters": 3}))
+    assert torch.load(first / "last.pt", weights_only=True)["iteration"] == 3
+    resumed = train(tiny(tmp_path / "b", synthetic_data_dir))
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for it in a:
+        assert a[it] == pytest.approx(b[it], rel=1e-6, abs=1e-7), f"iteration {it}: {a[it]} vs {b[it]}"
+    sa = torch.load(straight / "last.pt", weights_only=True)["model"]
+    sb = torch.load(resumed / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_supervised_mode_trains_without_the_unlabeled_branch(tmp_path, synthetic_data_dir):
+    from cacnb.train import train
+
+    run = train(tiny(tmp_path, synthetic_data_dir, **{"train.mode": "supervised", "train.epochs": 1}))
+    rows = split_kinds(read_metrics(run))["train"]
+    assert rows and all("loss_unsup" not in r for r in rows)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_data_dir, monkeypatch):
+    import cacnb.train as train_mod
+
+    real = train_mod.train_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:  # iteration index 4, in the second epoch
+            result.terms["loss_sup"] = torch.tensor(float("nan"))
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    with pytest.raises(train_mod.TrainingDiverged, match="iteration 4: loss term 'loss_sup'.*last good checkpoint"):
+        train_mod.train(tiny(tmp_path, synthetic_data_dir))
+    kept = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert kept["iteration"] == 3
+
+
+def _torchrun(args, env=None, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CACNB_DIST_TIMEOUT": "120", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "cacnb.train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_semi_run(tmp_path, synthetic_data_dir):
+    cfg = tiny(tmp_path, synthetic_data_dir, **{"train.epochs": 1, "train.iters_per_epoch": 4,
+                                                "loss.step_save": 1, "train.batch_size": 4,
+                                                "train.batch_size_unsup": 4})
+    path = save_config(cfg, tmp_path / "cfg.json")
+    proc = _torchrun(["--config", str(path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    kinds = split_kinds(read_metrics(run))
+    final = kinds["final"][0]
+    assert len(final["param_digests"]) == 2 and final["ranks_in_sync"] is True
+    assert len(kinds["train"]) == 4 and all(r["loss_unsup"] is not None for r in kinds["train"])
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and state["world_size"] == 2
+    assert (run / "best.pt").exists()
+    # the feature bank holds the gathered negatives of both ranks for step_save + 1 steps
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+
+
+def test_cli_errors_are_clear(tmp_path):
+    from cacnb.train import main
+
+    assert main(["--config", "voc_r50_1323", "--set", "train.epoch=1"]) == 2
+    proc = subprocess.run([sys.executable, "-m", "cacnb.train", "--config", "voc_r50_1323", "--set",
+                           f"data.data_dir={tmp_path / 'nowhere'}", "--set", f"train.out_dir={tmp_path}",
+                           "--set", "model.pretrained=null"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_indivisible_global_batch_under_two_ranks(tmp_path, synthetic_data_dir):
+    cfg = tiny(tmp_path, synthetic_data_dir, **{"train.batch_size": 5})
+    path = save_config(cfg, tmp_path / "cfg.json")
+    proc = _torchrun(["--config", str(path)], timeout=120)
+    assert proc.returncode != 0
+    assert "train.batch_size=5 is a global batch and must divide by the world size (2)" in proc.stderr
+
+
+def test_batch_of_one_per_rank_is_refused_clearly(tmp_path, synthetic_data_dir):
+    from cacnb.config import ConfigError
+    from cacnb.train import train
+
+    with pytest.raises(ConfigError, match="at least 2 per rank"):
+        train(tiny(tmp_path, synthetic_data_dir, **{"train.batch_size": 1}))

@@ -14,7 +14,7 @@ from PIL import Image
 from cacnb.data import synthetic
 from cacnb.data.errors import DatasetError
 from cacnb.data.palette import VOC_CLASSES, voc_palette
-from cacnb.data.synthetic import make_synthetic_voc
+from cacnb.data.synthetic import DEFAULT_SIZE_RANGE, make_synthetic_voc
 
 SMALL = (48, 80)
 
@@ -53,7 +53,7 @@ def test_labels_are_voc_palette_pngs_with_expected_values(synthetic_voc):
         assert 0 in values and 255 in values                     # background and the border band
         seen |= values
         shapes.add("landscape" if lb.width > lb.height else "portrait" if lb.width < lb.height else "square")
-        assert 200 <= min(lb.size) and max(lb.size) <= 500      # VOC-like default sizes
+        assert DEFAULT_SIZE_RANGE[0] <= min(lb.size) and max(lb.size) <= DEFAULT_SIZE_RANGE[1]
     assert len(seen - {0, 255}) >= 5                            # several classes appear
     assert {"landscape", "portrait"} <= shapes
 

@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 JPEG_QUALITY = 90
 META_NAME = "cacnb_synthetic.json"
 _TMP_PREFIX = ".cacnb-synthetic-partial-"
+# Smaller than VOC's ~500x375 on purpose: the CPU demo evaluates whole images every epoch. Pass
+# size_range=(200, 500) for VOC-sized scenes.
+DEFAULT_SIZE_RANGE = (160, 320)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def _border_band(label: np.ndarray, width: int) -> np.ndarray:
     return band
 
 
-def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (200, 500),
+def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = DEFAULT_SIZE_RANGE,
                  max_objects: int = 4, border: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (image uint8 [H, W, 3], label uint8 [H, W] with 0, class indices and 255 borders)."""
     h, w = _image_size(rng, size_range)
@@ -385,7 +388,7 @@ def _generate(voc: Path, splits: Sequence[tuple[str, int, list[str]]], seed: int
 
 
 def make_synthetic_voc(root: "str | os.PathLike", num_train: int = 240, num_val: int = 40, seed: int = 0, *,
-                       size_range: tuple[int, int] = (200, 500), max_objects: int = 4, border: int = 2,
+                       size_range: tuple[int, int] = DEFAULT_SIZE_RANGE, max_objects: int = 4, border: int = 2,
                        overwrite: bool = False, progress: bool = True) -> Path:
     """Write a synthetic VOC 2012 tree under ``root`` and return ``root/VOCdevkit/VOC2012``.
 
@@ -393,7 +396,8 @@ def make_synthetic_voc(root: "str | os.PathLike", num_train: int = 240, num_val:
         root: folder that will hold ``VOCdevkit/`` (created if missing).
         num_train, num_val: images listed in ``train_aug.txt`` and ``val.txt``.
         seed: the same seed gives byte-identical files.
-        size_range: (min, max) side length in pixels; VOC images are at most 500 px.
+        size_range: (min, max) side length in pixels (VOC images are at most 500 px; the default is smaller
+            so that the CPU demo can evaluate whole images quickly).
         max_objects: objects per image are drawn from 1..max_objects.
         border: width in pixels of the 255 band along class borders (0: none).
         overwrite: replace an existing dataset; otherwise an existing complete one is kept and returned.
@@ -468,8 +472,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num-train", type=int, default=240)
     parser.add_argument("--num-val", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-size", type=int, default=200, help="smallest image side")
-    parser.add_argument("--max-size", type=int, default=500, help="largest image side")
+    parser.add_argument("--min-size", type=int, default=DEFAULT_SIZE_RANGE[0], help="smallest image side")
+    parser.add_argument("--max-size", type=int, default=DEFAULT_SIZE_RANGE[1], help="largest image side")
     parser.add_argument("--force", action="store_true", help="regenerate even if the dataset exists")
     args = parser.parse_args(argv)
     from ..paths import resolve

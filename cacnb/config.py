@@ -321,7 +321,7 @@ def _cityscapes(n_labeled: int) -> Config:
 
 
 def _synthetic() -> Config:
-    """The CPU demo: ResNet-18 from scratch, crop 96, 4 labeled + 4 pairs, 150 iterations on the synthetic set.
+    """The CPU demo: ResNet-18 from scratch, crop 96, 4 labeled + 4 pairs, 120 iterations on the synthetic set.
 
     Sized so that ``make demo`` (baseline + CAC + all notebooks) fits in about 15 minutes on 2 CPU cores.
     """
@@ -331,7 +331,7 @@ def _synthetic() -> Config:
     cfg.model = ModelConfig(backbone="resnet18", pretrained=None, sync_bn=False)
     cfg.loss = LossConfig(selected_num=256, step_save=1, epoch_start_unsup=1)
     cfg.optim = OptimConfig(lr=0.02, backbone_lr_mult=1.0)  # a random-init backbone needs the full lr
-    cfg.train = TrainConfig(epochs=5, iters_per_epoch=30, batch_size=4, batch_size_unsup=4, log_every=5)
+    cfg.train = TrainConfig(epochs=4, iters_per_epoch=30, batch_size=4, batch_size_unsup=4, log_every=5)
     return cfg
 
 

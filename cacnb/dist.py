@@ -121,3 +121,16 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers (BatchNorm running statistics) to every rank (no-op for world size 1).
+
+    DDP broadcasts buffers at the start of each forward, so after the last training forward every rank holds
+    statistics of its own shard. Validation and the final state must use one set.
+    """
+    if get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src)

@@ -235,6 +235,7 @@ class Trainer:
             return
         from .evaluate import evaluate
 
+        dist.broadcast_buffers(self.model)
         result = evaluate(unwrap(self.net), self.val, self.cfg.data.num_classes, mode=self.cfg.train.eval_mode,
                           crop_size=self.cfg.data.crop_size, ignore_index=self.cfg.data.ignore_index,
                           max_images=self.cfg.data.val_max_images, progress=False)
@@ -261,6 +262,7 @@ class Trainer:
         save_checkpoint(state, self.run_dir / name)
 
     def _finish(self) -> None:
+        dist.broadcast_buffers(self.model)
         sums = dist.all_gather_object(parameter_digest(self.model))
         self.log.write({"kind": "final", "iter": self.iteration, "best_miou": self.best_miou,
                         "param_digests": sums, "ranks_in_sync": len(set(sums)) == 1})

@@ -506,7 +506,8 @@ def plot_compare(results: Mapping[str, Sequence[float]], class_names: Optional[S
 
 PAPER_SOURCE = ("CAC paper: Lai et al., 'Semi-supervised Semantic Segmentation with Directional Context-aware "
                 "Consistency', CVPR 2021 (arXiv:2106.14133), PASCAL VOC 2012 comparison table: val mIoU (%), "
-                "DeepLabv3+, labeled subsets of the 10,582-image SegmentationClassAug training set")
+                "DeepLabv3+, labeled subsets of the 10,582-image SegmentationClassAug training set; values "
+                "transcribed by hand, check them against the paper's PDF before citing")
 PAPER_SHORT = "CAC paper (Lai et al., CVPR 2021), VOC table [1]"
 
 # (backbone, labeled fraction, labeled images) -> reported mIoU (%)

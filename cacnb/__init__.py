@@ -1,11 +1,13 @@
 """cacnb: a notebook-centric reproduction of CAC (Lai et al., CVPR 2021, arXiv 2106.14133).
 
-The public surface is small and imported lazily, so ``import cacnb`` stays cheap:
+The public surface is small:
 
 - :func:`load_config` -- presets, JSON (ours or the official CAC files) and typed overrides
-- :func:`build_model` -- DeepLabv3+ with the CAC classifier and projector
 - :func:`launch` -- run training under torchrun from a notebook and return the run dir
-- :func:`train` -- the training loop itself (what ``python -m cacnb.train`` runs)
+- :func:`build_model`, :func:`load_checkpoint` -- DeepLabv3+ with the CAC classifier and projector (lazy: they
+  import torch)
+
+The training loop itself is ``from cacnb.train import train`` (what ``python -m cacnb.train`` runs).
 """
 from __future__ import annotations
 
@@ -13,16 +15,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "load_config": "cacnb.config",
-    "Config": "cacnb.config",
-    "build_model": "cacnb.model",
-    "load_checkpoint": "cacnb.model",
-    "launch": "cacnb.launch",
-    "train": "cacnb.train",
-}
+from .config import Config, load_config  # noqa: E402
+# Imported eagerly on purpose: ``cacnb.launch`` is also a module name, and binding the function here keeps
+# ``cacnb.launch(...)`` the function whatever was imported before. launch.py does not import torch.
+from .launch import launch  # noqa: E402
 
-__all__ = sorted(_LAZY) + ["__version__"]
+_LAZY = {"build_model": "cacnb.model", "load_checkpoint": "cacnb.model"}
+
+__all__ = ["Config", "load_config", "launch", *sorted(_LAZY), "__version__"]
 
 
 def __getattr__(name: str):

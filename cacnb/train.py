@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -23,7 +24,8 @@ from typing import Optional
 import torch
 
 from . import dist
-from .config import Config, ConfigError, load_config, per_rank_batch, save_config, valid_keys, PRESETS
+from .config import (PRESETS, Config, ConfigError, apply_overrides, atomic_write_text, load_config, per_rank_batch,
+                     save_config, valid_keys)
 from .engine import (build_optimizer, first_bad_term, load_training_checkpoint, make_checkpoint, rng_state,
                      save_checkpoint, set_lr, set_rng_state, train_step, unwrap)
 from .paths import resolve
@@ -72,8 +74,6 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.json")
-            from .config import atomic_write_text
-            import json
             atomic_write_text(self.run_dir / "env.json", json.dumps(environment(self.world), indent=2) + "\n")
         dist.barrier()
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
@@ -328,8 +328,6 @@ def ensure_dataset(cfg: Config) -> None:
 
 def _absolute_paths(cfg: Config) -> Config:
     """Resolve data/run/split/weight paths once, so every rank and subprocess agrees on them."""
-    from .config import apply_overrides
-
     over = {"data.data_dir": str(resolve(cfg.data.data_dir)), "train.out_dir": str(resolve(cfg.train.out_dir))}
     if cfg.data.split_dir:
         over["data.split_dir"] = str(resolve(cfg.data.split_dir))

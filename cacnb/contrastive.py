@@ -204,8 +204,8 @@ def _stream(anchors, neg_feat, neg_label, chunk_size, stabilizer, precision):
 
 def _direction_means(anchors, per_anchor, n_a, n_b):
     """Mean of ``per_anchor`` over each direction's active anchors (0 for an empty direction)."""
-    sum_b = per_anchor[anchors.is_b].sum()
-    sum_a = per_anchor.sum() - sum_b
+    # Each direction summed on its own: ``total - sum_b`` loses fp32 precision when one direction dominates.
+    sum_a, sum_b = per_anchor.new_zeros(2).index_add_(0, anchors.is_b.long(), per_anchor)
     return sum_a / max(n_a, 1), sum_b / max(n_b, 1)
 
 

@@ -21,7 +21,8 @@ from cacnb.contrastive import (  # noqa: F401  (re-exported: the public loss API
 )
 
 __all__ = [
-    "gather_overlap", "sample_negatives", "negatives_per_crop", "FeatureBank", "cac_unsup_loss",
+    "gather_overlap", "sample_negatives", "negatives_per_crop", "sample_crop_negatives", "FeatureBank",
+    "cac_unsup_loss",
     "confidence_and_pseudo_label",
     "directional_contrastive_loss", "directional_contrastive_loss_reference", "direction_weights",
 ]
@@ -190,17 +191,29 @@ def confidence_and_pseudo_label(logits):
     return conf, pseudo_label
 
 
-def _negatives(crops, world_size, bank, loss_cfg, generator):
-    """Sample each crop's negatives, gather them over ranks and push them to the bank."""
+def sample_crop_negatives(crops, loss_cfg, world_size: int, generator):
+    """This rank's negatives from each ``(proj, pseudo_label)`` crop, concatenated: ``([2 × num, c], [2 × num])``.
+
+    Shared by training and the notebook's :func:`cacnb.loss_viz.pair_terms` so both sample the same count.
+    """
     num = negatives_per_crop(loss_cfg, world_size)
     feats, labels = zip(*(sample_negatives(proj, pseudo_label, num, generator) for proj, pseudo_label in crops))
-    feat = dist.all_gather_nograd(torch.cat(feats))                        # [world * 2 * num, c]
-    label = dist.all_gather_nograd(torch.cat(labels))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _negatives(crops, world_size, bank, loss_cfg, generator):
+    """Sample each crop's negatives, gather them over ranks and push them to the bank."""
+    feats, labels = sample_crop_negatives(crops, loss_cfg, world_size, generator)
+    feat = dist.all_gather_nograd(feats)                                   # [world * 2 * num, c]
+    label = dist.all_gather_nograd(labels)
     return bank.push(feat, label)
 
 
 def _neg_kept_mean(anchor_labels, neg_label):
-    """Mean over anchors of the negatives the same-label filter keeps."""
+    """Mean over ``anchor_labels`` of the negatives the same-label filter keeps (0.0 for no anchor).
+
+    Pass only the anchors that enter the loss: the others would skew the statistic towards unlabelled areas.
+    """
     if len(anchor_labels) == 0:
         return 0.0
     size = int(max(anchor_labels.max(), neg_label.max() if len(neg_label) else 0)) + 1
@@ -233,7 +246,7 @@ def cac_unsup_loss(crop_a: dict, crop_b: dict, overlap, flip, bank: FeatureBank,
         "n_overlap": float(len(feat_a)),
         "frac_pos_a": float(w_a.float().mean()) if len(w_a) else 0.0,
         "frac_pos_b": float(w_b.float().mean()) if len(w_b) else 0.0,
-        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a, label_b]), neg_label),
+        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a[w_a], label_b[w_b]]), neg_label),
         "n_neg": float(len(neg_label)),
     }
     return loss_cfg.weight_unsup * (loss_a + loss_b), stats

@@ -18,7 +18,7 @@ from cacnb.loss import (
     directional_contrastive_loss,
     directional_contrastive_loss_reference,
     gather_overlap,
-    sample_negatives,
+    sample_crop_negatives,
 )
 
 
@@ -57,11 +57,12 @@ def pair_terms(model, item: Mapping, loss_cfg, *, pos_thresh: Optional[float] = 
     conf_a, conf_b = gather_overlap(conf[0], conf[1], overlap, flip, stride)
     label_a, label_b = gather_overlap(label[0], label[1], overlap, flip, stride)
     generator = torch.Generator().manual_seed(seed)
-    negatives = [sample_negatives(p, lab, loss_cfg.selected_num, generator) for p, lab in zip(proj, label)]
+    # one rank, as in the single-GPU training this notebook explains; a fresh bank holds just these
+    neg_feat, neg_label = sample_crop_negatives(list(zip(proj, label)), loss_cfg, 1, generator)
     box = (item["overlap"][0] // stride).tolist()
     return PairTerms(outputs=outputs, feat_a=feat_a, feat_b=feat_b, conf_a=conf_a, conf_b=conf_b,
-                     label_a=label_a, label_b=label_b, neg_feat=torch.cat([f for f, _ in negatives]),
-                     neg_label=torch.cat([lab for _, lab in negatives]), box_hw=(box[2] - box[0], box[3] - box[1]),
+                     label_a=label_a, label_b=label_b, neg_feat=neg_feat, neg_label=neg_label,
+                     box_hw=(box[2] - box[0], box[3] - box[1]),
                      temperature=loss_cfg.temperature,
                      pos_thresh=loss_cfg.pos_thresh if pos_thresh is None else pos_thresh)
 
@@ -91,9 +92,10 @@ def term_summary(terms: PairTerms) -> dict:
     per = per_anchor_terms(terms)
     loss_a, loss_b = directional_contrastive_loss(**terms.loss_inputs(), temperature=terms.temperature,
                                                   pos_thresh=terms.pos_thresh)
+    # over the anchors that enter the loss only, as the training statistic neg_kept_mean
+    kept = torch.cat([per["kept_a"][per["w_a"]], per["kept_b"][per["w_b"]]]).float()
     summary = {"n_overlap": len(terms.feat_a), "n_neg": len(terms.neg_feat),
-               "neg_filtered_mean": float(len(terms.neg_feat) - torch.cat([per["kept_a"], per["kept_b"]])
-                                          .float().mean())}
+               "neg_filtered_mean": float(len(terms.neg_feat) - kept.mean()) if len(kept) else 0.0}
     for side, loss in (("a", loss_a), ("b", loss_b)):
         w = per[f"w_{side}"]
         summary[f"pulled_{side}"] = int(w.sum())
@@ -105,7 +107,7 @@ def term_summary(terms: PairTerms) -> dict:
 
 def format_summary(summary: Mapping) -> str:
     lines = [f"{summary['n_overlap']} overlap positions, {summary['n_neg']} negatives; the same-label filter "
-             f"removes {summary['neg_filtered_mean']:.1f} negatives per anchor on average"]
+             f"removes {summary['neg_filtered_mean']:.1f} negatives per pulled position on average"]
     for side, other in (("a", "b"), ("b", "a")):
         if summary[f"pulled_{side}"] == 0:
             lines.append(f"loss_{side} (crop {side} pulled towards crop {other}): no position passes the rule, "

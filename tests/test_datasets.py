@@ -71,6 +71,37 @@ def test_colour_label_is_rejected(tmp_path):
         SegFiles(tmp_path, [pair]).read(0)
 
 
+def _save_16bit_label(path, label):
+    Image.fromarray(label.astype(np.uint16)).save(path)
+    with Image.open(path) as im:
+        assert im.mode == "I;16"  # what the test is about
+
+
+def test_16bit_label_out_of_range_is_rejected_not_wrapped(tmp_path):
+    pair = _write_pair(tmp_path, "wide")
+    label = np.zeros((30, 40), np.uint16)
+    label[5, 5] = 300                                     # would wrap to 44 as uint8
+    _save_16bit_label(tmp_path / "SegmentationClassAug" / "wide.png", label)
+    with pytest.raises(DatasetError, match=r"wide\.png.*0\.\.300.*8-bit"):
+        SegFiles(tmp_path, [pair]).read(0)
+
+
+def test_16bit_label_in_range_is_read(tmp_path):
+    pair = _write_pair(tmp_path, "narrow")
+    label = np.zeros((30, 40), np.uint16)
+    label[:, :3] = 255
+    _save_16bit_label(tmp_path / "SegmentationClassAug" / "narrow.png", label)
+    _, mask = SegFiles(tmp_path, [pair]).read(0)
+    assert set(torch.unique(mask).tolist()) == {0, 255}
+
+
+def test_decompression_bomb_label_names_the_file(tmp_path, monkeypatch):
+    pair = _write_pair(tmp_path, "bomb")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 30x40 is over twice this: PIL raises, not warns
+    with pytest.raises(DatasetError, match=r"bomb\.png"):
+        SegFiles(tmp_path, [pair]).read_label(tmp_path / "SegmentationClassAug" / "bomb.png")
+
+
 def test_mismatched_sizes_are_reported(tmp_path):
     pair = _write_pair(tmp_path, "a")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "SegmentationClassAug" / "a.png")

@@ -13,8 +13,10 @@ from cacnb.loss import (
     cac_unsup_loss,
     directional_contrastive_loss,
     directional_contrastive_loss_reference,
+    direction_weights,
     gather_overlap,
     negatives_per_crop,
+    sample_crop_negatives,
     sample_negatives,
 )
 
@@ -81,6 +83,20 @@ def test_bf16_option_is_close():
     inputs = make_inputs(64, 512, 32, 5, 0)
     fast, ref = fast_and_reference(inputs, precision="bf16", chunk_size=100)
     torch.testing.assert_close(fast[0], ref[0].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_one_direction_dominating_keeps_the_other_exact():
+    # 3999 anchors pull b with large l_i and one pulls a with a small one: loss_a must not be total - sum_b.
+    n = 4000
+    conf = (torch.full((n,), 0.9), torch.full((n,), 0.2))
+    conf[0][0], conf[1][0] = 0.2, 0.9                     # position 0 alone pulls a towards b
+    inputs = make_inputs(n, 64, 16, 4, 0, conf=conf)
+    inputs["feat_b"][1:] = -inputs["feat_a"][1:]          # pos/T = -10 for direction b: l_i around 10
+    inputs["feat_b"][0] = inputs["feat_a"][0]             # pos/T = +10 for direction a: l_i below 1
+    fast, ref = fast_and_reference(inputs)
+    assert float(ref[1]) > 5 * float(ref[0]) > 0
+    for got, want in zip(fast[:2], ref[:2]):
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_no_positive_passes_gives_zero_loss_and_gradient():
@@ -317,5 +333,26 @@ def test_cac_unsup_loss_composes_the_pieces():
                                                           pieces[2][0], pieces[2][1], bank.feat, bank.label)
     assert stats["loss_a"] == pytest.approx(float(ref_a), rel=1e-5)
     assert stats["loss_b"] == pytest.approx(float(ref_b), rel=1e-5)
+    # neg_kept_mean averages over the anchors that enter the loss only
+    w_a, w_b = direction_weights(pieces[1][0], pieces[1][1], cfg.pos_thresh)
+    anchors = torch.cat([pieces[2][0][w_a], pieces[2][1][w_b]])
+    kept = (anchors[:, None] != bank.label[None, :]).sum(1).float()
+    assert stats["neg_kept_mean"] == pytest.approx(float(kept.mean()), rel=1e-6)
     _, stats2 = cac_unsup_loss(crop_a, crop_b, overlap, flip, bank, cfg, generator=torch.Generator().manual_seed(1))
     assert stats2["n_neg"] == 200 and len(bank) == 2
+
+
+def test_neg_kept_mean_is_zero_when_no_anchor_enters():
+    cfg = LossConfig(selected_num=10, step_save=0, pos_thresh=1.1)       # nothing is confident enough
+    crop_a, crop_b = _crop_outputs(1, 8, 5, 8, 0), _crop_outputs(1, 8, 5, 8, 1)
+    overlap, flip = torch.tensor([[[0, 0, 64, 64], [0, 0, 64, 64]]]), torch.tensor([[False, False]])
+    _, stats = cac_unsup_loss(crop_a, crop_b, overlap, flip, FeatureBank(0), cfg,
+                              generator=torch.Generator().manual_seed(0))
+    assert stats["neg_kept_mean"] == 0.0 and stats["loss_a"] == stats["loss_b"] == 0.0
+
+
+def test_sample_crop_negatives_uses_the_training_count():
+    cfg = LossConfig(selected_num=999, neg_total=40, step_save=1)        # neg_total wins: 40 // (2 * 2) = 10
+    crops = [(c["proj"], c["logits"].argmax(1)) for c in (_crop_outputs(1, 8, 5, 8, s) for s in (0, 1))]
+    feat, label = sample_crop_negatives(crops, cfg, 1, torch.Generator().manual_seed(0))
+    assert feat.shape == (2 * negatives_per_crop(cfg, 1), 8) == (20, 8) and label.shape == (20,)

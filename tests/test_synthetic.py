@@ -102,8 +102,14 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 def test_existing_dataset_is_kept_unless_overwritten(tmp_path, capsys):
     voc = make_synthetic_voc(tmp_path, 2, 1, seed=0, size_range=SMALL, progress=False)
     before = _digest(voc)
-    assert make_synthetic_voc(tmp_path, 2, 1, seed=1, size_range=SMALL) == voc
+    with pytest.warns(UserWarning, match=r"seed=0 \(requested 1\).*overwrite=True.*--force"):
+        assert make_synthetic_voc(tmp_path, 2, 1, seed=1, size_range=SMALL) == voc
     assert "already exists" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match=r"num_train=2 \(requested 3\)"):     # also when not printing
+        make_synthetic_voc(tmp_path, 3, 1, seed=0, size_range=SMALL, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                          # same settings: silent
+        make_synthetic_voc(tmp_path, 2, 1, seed=0, size_range=SMALL, progress=False)
     assert _digest(voc) == before
     make_synthetic_voc(tmp_path, 2, 1, seed=1, size_range=SMALL, overwrite=True, progress=False)
     assert _digest(voc) != before

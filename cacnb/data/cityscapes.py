@@ -7,15 +7,11 @@ does), so either form of list works.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .voc import LabeledDataset, Pair, SegFiles, read_index_png
-
-NUM_CLASSES = 19
+from .voc import SegFiles, read_index_png
 
 # raw Cityscapes label id -> train id, for the 19 evaluated classes; every other id is ignored (255)
 _TRAIN_ID_OF = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -39,7 +35,3 @@ class CityscapesFiles(SegFiles):
             return label_id_to_train_id(read_index_png(path))
         return read_index_png(path)
 
-
-def cityscapes_dataset(root: "str | os.PathLike", pairs: Sequence[Pair], **kwargs) -> LabeledDataset:
-    """A :class:`LabeledDataset` over Cityscapes files (``train=``, ``crop_size=`` ... as keywords)."""
-    return LabeledDataset(CityscapesFiles(root, pairs), **kwargs)

@@ -162,7 +162,8 @@ def _voc_samples(folder: Path, report: PreflightReport) -> list[tuple[Path, Path
         ids += _read_list_ids(path, report)
     ids = list(dict.fromkeys(ids))  # unique, in order
     if not (root / splits.VOC_TRAIN_LIST).is_file() and (root / "SegmentationClassAug").is_dir():
-        ids += sorted(p.stem for p in (root / "SegmentationClassAug").glob("*.png") if p.stem not in set(ids))
+        listed = set(ids)  # built once: the glob can yield ~10k labels
+        ids += sorted(p.stem for p in (root / "SegmentationClassAug").glob("*.png") if p.stem not in listed)
     return [tuple(splits.pair_paths(root, splits.voc_pair(i))) for i in ids]
 
 

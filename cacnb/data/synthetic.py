@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -437,13 +438,22 @@ def _existing(voc: Path, meta: dict, progress: bool) -> Path:
         raise DatasetError(with_readme(
             f"{voc.parent} exists but does not hold a complete synthetic dataset (no {META_NAME} / val.txt). "
             f"Delete it, choose another root, or regenerate with overwrite=True (CLI: --force)."))
+    _warn_if_settings_differ(voc, meta)
     if progress:
-        old = json.loads((voc / META_NAME).read_text())
-        same = all(old.get(k) == v for k, v in meta.items())
-        note = "" if same else (f" (made with num_train={old.get('num_train')}, num_val={old.get('num_val')}, "
-                                f"seed={old.get('seed')}; use overwrite=True / --force to regenerate)")
-        print(f"synthetic VOC already exists at {voc}; skipping{note}")
+        print(f"synthetic VOC already exists at {voc}; skipping")
     return voc
+
+
+def _warn_if_settings_differ(voc: Path, meta: dict) -> None:
+    """Warn (whatever ``progress`` says) when the kept dataset was made with other settings: a silent
+    mismatch would make runs use data other than the one asked for."""
+    old = json.loads((voc / META_NAME).read_text())
+    differ = [k for k, v in meta.items() if k != "classes" and old.get(k) != v]
+    if not differ and old.get("classes") == meta["classes"]:
+        return
+    shown = ", ".join(f"{k}={old.get(k)!r} (requested {meta[k]!r})" for k in differ) or "another class table"
+    warnings.warn(f"the synthetic dataset in {voc} was made with other settings: {shown}. It is kept and used "
+                  f"as it is; pass overwrite=True (CLI: --force) to regenerate it.", stacklevel=4)
 
 
 def _swap_into_place(new: Path, target: Path, overwrite: bool) -> None:

@@ -51,14 +51,23 @@ def read_index_png(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise DatasetError(f"label {path} is missing. Check data.data_dir and the split list that names it "
                            f"(labels live beside the images, e.g. SegmentationClassAug/ for VOC).") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"label {path} is corrupt or not an image ({e}). Re-extract it, or remove its line "
                            f"from the split list.") from None
     if mode not in ("P", "L", "I", "I;16"):
         raise DatasetError(f"label {path} has mode {mode}: labels must be index PNGs (palette or greyscale, one "
                            f"class id per pixel, 255 = ignore), not colour images. Use SegmentationClassAug "
                            f"(or convert colour masks to indices).")
-    return array
+    return _as_uint8_label(path, mode, array)
+
+
+def _as_uint8_label(path: Path, mode: str, array: np.ndarray) -> np.ndarray:
+    """``array`` as uint8; 16/32-bit labels are range-checked first, since the cast would wrap 256 to 0."""
+    if array.size and (int(array.min()) < 0 or int(array.max()) > 255):
+        raise DatasetError(f"label {path} (mode {mode}) holds values {int(array.min())}..{int(array.max())}, "
+                           f"outside 0..255: class ids must fit in 8 bits (255 = ignore). Re-save it as an 8-bit "
+                           f"index PNG (mode P or L) with valid class ids, or remove its line from the split list.")
+    return array.astype(np.uint8, copy=False)
 
 
 class SegFiles:
@@ -93,9 +102,6 @@ class SegFiles:
         return image, tv_tensors.Mask(torch.from_numpy(np.array(label, dtype=np.uint8)))
 
 
-VOCFiles = SegFiles
-
-
 class LabeledDataset(Dataset):
     """Labeled images. ``train=True``: the official random rescale / pad / crop / flip (+ optional jitter);
     ``train=False``: the whole image at its own size. Items: ``{"image": float [3,H,W], "label": long [H,W],
@@ -125,9 +131,4 @@ class LabeledDataset(Dataset):
                                               jitter=self.color_jitter)
         image, label = T.to_model_input(image, mask)
         return {"image": image, "label": label, "id": self.files.item_id(index)}
-
-
-def voc_dataset(root: "str | os.PathLike", pairs: Sequence[Pair], **kwargs) -> LabeledDataset:
-    """A :class:`LabeledDataset` over VOC-layout files (``train=``, ``crop_size=`` ... as keywords)."""
-    return LabeledDataset(SegFiles(root, pairs), **kwargs)
 

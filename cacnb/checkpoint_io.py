@@ -77,7 +77,8 @@ def safe_load(path: "str | os.PathLike") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` allowing exactly numpy scalars and dtypes.
 
     Anything else (a class from a training script, a reduce to ``os.system``, ...) raises
-    :class:`UnsafeCheckpointError` naming the file and the refused global.
+    :class:`UnsafeCheckpointError` naming the file and the refused global; a file that does not unpickle at all
+    raises :class:`CheckpointError` saying it is corrupt or not a torch checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -86,13 +87,23 @@ def safe_load(path: "str | os.PathLike") -> Any:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        offender = found.group(1) if found else "an unsupported object"
-        raise UnsafeCheckpointError(
-            f"{path} holds arbitrary pickled objects ({offender}), which cacnb refuses to unpickle because "
-            "loading them could run code. Only tensors, plain containers and numpy scalars are read. If you made "
-            "this file and trust it, re-save just its state dict: torch.save({'state_dict': sd}, path)."
-        ) from None
+        raise _unpickling_error(path, str(e)) from None
+
+
+def _unpickling_error(path: Path, message: str) -> CheckpointError:
+    """Tell a refused global (weights_only's "Unsupported global: GLOBAL x") from a file that is not a
+    checkpoint at all: only the first is a safety refusal, the second is corruption or a wrong file."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found is None and "Unsupported global" not in message:
+        # keep only torch's diagnosis: the rest of its message suggests weights_only=False, which we never want
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+        reason = detail.group(1).strip() if detail else message.strip().splitlines()[0]
+        return CheckpointError(f"{path} is corrupt or not a torch checkpoint (unpickling failed: {reason})")
+    offender = found.group(1) if found else "an unsupported object"
+    return UnsafeCheckpointError(
+        f"{path} holds arbitrary pickled objects ({offender}), which cacnb refuses to unpickle because "
+        "loading them could run code. Only tensors, plain containers and numpy scalars are read. If you made "
+        "this file and trust it, re-save just its state dict: torch.save({'state_dict': sd}, path).")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -139,8 +140,9 @@ def predict(model: torch.nn.Module, image: torch.Tensor, *, mode: str = "whole",
 
 def _bare(model: torch.nn.Module) -> torch.nn.Module:
     """Unwrap DDP / torch.compile so evaluation forwards never trigger DDP's collectives."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    from cacnb.engine import unwrap
+
+    return unwrap(model)
 
 
 def shard_indices(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> list[int]:
@@ -269,20 +271,15 @@ def build_val(cfg):
 
 
 def checkpoint_mismatch(path, cfg) -> Optional[str]:
-    """How the config saved in a cacnb checkpoint differs from ``cfg`` (classes, backbone, projector), else None.
+    """How the config saved in a checkpoint differs from ``cfg`` (classes, backbone, projector), else None.
 
-    Official checkpoints carry no config; for them the loader's own message (which names the tensor whose shape
-    differs and the setting to change) is the explanation.
+    cacnb checkpoints save our config; official CAC checkpoints save their JSON config, which is mapped first.
+    Without a saved config the loader's own message (naming the tensor whose shape differs) explains.
     """
-    from cacnb.model import safe_load
-
-    try:
-        ckpt = safe_load(path)
-    except Exception:  # unreadable: the loader's own error says why
+    saved = _saved_config(path)
+    if saved is None:
         return None
-    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(saved, dict):
-        return None
+    saved = saved.to_dict()
     problems = []
     for section, key in (("data", "num_classes"), ("model", "backbone"), ("model", "proj_dim"),
                          ("model", "output_stride")):
@@ -301,7 +298,9 @@ def load_for_eval(cfg, checkpoint, device) -> torch.nn.Module:
     path = resolve(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found (looked at {path})")
-    model = build_model(cfg)
+    with warnings.catch_warnings():  # the checkpoint replaces the random init, so its warning is moot
+        warnings.filterwarnings("ignore", message="model.pretrained is None")
+        model = build_model(cfg)
     try:
         load_checkpoint(model, path)
     except Exception as e:
@@ -315,6 +314,10 @@ def load_for_eval(cfg, checkpoint, device) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------------------------------------------------
 # notebook helpers: checkpoints of run dirs
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def find_checkpoint(run_dir) -> Optional[Path]:
@@ -333,24 +336,35 @@ def config_for_checkpoint(config, checkpoint=None, *, data_dir: Optional[str] = 
     """The config to rebuild a checkpoint's model with: the data section of ``config`` (preset or JSON, plus
     ``data_dir`` and overrides), and -- when the checkpoint is a cacnb one that saved its config -- the model
     section and ``data.num_classes`` it was trained with, so a demo run with non-default sizes loads as is."""
-    from cacnb.config import Config, ConfigError
-    from cacnb.model import safe_load
     from cacnb.paths import resolve
 
     cfg = load_eval_config(config, overrides, data_dir)
     if checkpoint is None or not resolve(checkpoint).is_file():
         return cfg
-    ckpt = safe_load(resolve(checkpoint))
-    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(saved, dict):
-        try:
-            trained = Config.from_dict(saved)
-        except ConfigError:
-            return cfg
+    trained = _saved_config(resolve(checkpoint))
+    if trained is not None:
         cfg.model = trained.model
         cfg.model.pretrained = None
         cfg.data.num_classes = trained.data.num_classes
     return cfg
+
+
+def _saved_config(path):
+    """The Config a checkpoint was trained with (ours, or an official CAC JSON config mapped), else None."""
+    from cacnb.config import Config, ConfigError, from_official, is_official_json
+    from cacnb.model import safe_load
+
+    try:
+        ckpt = safe_load(path)
+    except Exception:  # unreadable: the loader's own error says why
+        return None
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    try:
+        return from_official(saved) if is_official_json(saved) else Config.from_dict(saved)
+    except (ConfigError, TypeError, ValueError, KeyError):
+        return None
 
 
 def model_from_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None, overrides: Iterable[str] = (),
@@ -358,11 +372,9 @@ def model_from_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None,
     """``(model, cfg, loaded)``: the model of :func:`config_for_checkpoint` with ``checkpoint`` loaded
     (``loaded`` = its path). With ``allow_random`` a missing checkpoint gives a randomly initialised model and
     ``loaded=None`` instead of an error (notebook 05 uses that to stay runnable before any training)."""
-    import warnings
-
     from cacnb.paths import resolve
 
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else default_device()
     path = resolve(checkpoint) if checkpoint else None
     if path is None or not path.is_file():
         if not allow_random:
@@ -375,21 +387,21 @@ def model_from_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None,
             warnings.simplefilter("ignore")  # the random-backbone warning: the caller reports it
             return build_model(cfg).to(device).eval(), cfg, None
     cfg = config_for_checkpoint(config, path, data_dir=data_dir, overrides=overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_for_eval(cfg, path, device)
+    model = load_for_eval(cfg, path, device)  # loader warnings (e.g. a projector kept at init) stay visible
     return model.eval(), cfg, path
 
 
 def evaluate_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None, mode: str = "whole",
                         crop_size: Optional[int] = None, slide_stride: Optional[int] = None,
                         scales: Sequence[float] = (1.0,), flip: bool = False, max_images: Optional[int] = None,
-                        overrides: Iterable[str] = (), progress: bool = True) -> dict:
+                        overrides: Iterable[str] = (), progress: bool = True, device=None) -> dict:
     """Evaluate a checkpoint on the val split of ``config`` (notebook 04's one call). Returns the
-    :func:`evaluate` dict plus ``cfg``, ``checkpoint`` and ``class_names``."""
+    :func:`evaluate` dict plus ``cfg``, ``checkpoint`` and ``class_names``. ``device``: default CUDA if there is
+    one, else CPU."""
     from cacnb.data.palette import class_names
 
-    model, cfg, path = model_from_checkpoint(config, checkpoint, data_dir=data_dir, overrides=overrides)
+    model, cfg, path = model_from_checkpoint(config, checkpoint, data_dir=data_dir, overrides=overrides,
+                                             device=device)
     dataset = build_val(cfg)
     if mode == "slide" and crop_size is None:
         crop_size = cfg.data.crop_size

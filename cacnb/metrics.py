@@ -6,8 +6,10 @@ prediction on the columns, ``cm[t, p]`` = number of pixels of class ``t`` predic
     IoU_c = TP_c / (TP_c + FP_c + FN_c) = cm[c, c] / (sum_p cm[c, p] + sum_t cm[t, c] - cm[c, c])
 
 and mIoU is the mean over the classes that occur in the ground truth or the prediction (the others are NaN and
-left out), which is how the CAC paper (and the official code's ``eval_metrics``) report it on VOC / Cityscapes
-val. Pixels whose label is ``ignore_index`` (VOC object borders, 255) never count, whatever is predicted there.
+left out). This is a deliberate, documented difference from the official CAC code, whose ``eval_metrics``
+averages IoU over all K classes with an absent class counting 0. The two agree whenever every class occurs, as
+on the full VOC val set; on a few images ours does not punish classes that are simply not there. Pixels whose
+label is ``ignore_index`` (VOC object borders, 255) never count, whatever is predicted there.
 
 Counts are integers so that summing confusion matrices over images and over ranks (``ConfusionMeter``) is
 exact: the mIoU of a sharded evaluation equals the single-process one bit for bit.

@@ -154,7 +154,9 @@ class CACModel(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Conv2d(channels, num_classes, 1))
         self.projector = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True),
                                        nn.Conv2d(channels, proj_dim, 1))
-        for head in (self.aspp, self.decoder, self.classifier, self.projector):
+        # the official CAC code kaiming-inits only ASPP, decoder and classifier; its projector keeps PyTorch's
+        # default Conv2d init, and so does ours, so training starts from the same distribution
+        for head in (self.aspp, self.decoder, self.classifier):
             _init_head(head)
 
     # -- pieces --------------------------------------------------------------------------------------------

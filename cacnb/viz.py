@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cacnb.data.palette import class_names as _class_names
 from cacnb.data.palette import colorize as _palette_colorize
+from cacnb.engine import unwrap
 
 POS_THRESH = 0.75
 
@@ -144,7 +144,7 @@ def show_pair(item: Mapping, dataset: str = "voc", with_labels: bool = True, fig
 def pair_outputs(model: torch.nn.Module, item: Mapping) -> list[dict]:
     """``model.crop_outputs`` of both crops (eval mode, model mode restored), each ``{"feat", "proj",
     "logits"}`` with the batch dimension dropped, on the CPU."""
-    net = getattr(model, "module", model)
+    net = unwrap(model)
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
@@ -384,16 +384,19 @@ def plot_confidence(item: Mapping, outputs: Sequence[Mapping], pos_thresh: float
 
 
 def prediction_gallery(model: torch.nn.Module, dataset, n: int = 6, indices: Optional[Sequence[int]] = None,
-                       dataset_name: str = "voc", mode: str = "whole", crop_size: Optional[int] = None):
-    """Rows of image | ground truth | prediction | prediction over the image, with each image's own mIoU."""
+                       dataset_name: str = "voc", mode: str = "whole", crop_size: Optional[int] = None,
+                       ignore_index: int = 255):
+    """Rows of image | ground truth | prediction | prediction over the image, with each image's own mIoU.
+
+    The class count comes from the model, not the palette, so a model with fewer or more classes than the
+    dataset's palette names still gets a confusion matrix of the right size."""
     from cacnb.evaluate import predict
     from cacnb.metrics import confusion_matrix, mean_iou
 
     plt = _plt()
     indices = list(indices) if indices is not None else list(range(min(n, len(dataset))))
-    net = getattr(model, "module", model)
+    net = unwrap(model)
     device = next(net.parameters()).device
-    num_classes = len(_class_names(dataset_name))
     fig, axes = plt.subplots(len(indices), 4, figsize=(12, 3 * len(indices)), squeeze=False)
     was_training = net.training
     net.eval()
@@ -403,7 +406,8 @@ def prediction_gallery(model: torch.nn.Module, dataset, n: int = 6, indices: Opt
             with torch.inference_mode():
                 scores = predict(net, item["image"].unsqueeze(0).to(device), mode=mode, crop_size=crop_size)
             pred = scores.argmax(1)[0].cpu()
-            miou = mean_iou(confusion_matrix(pred, item["label"], num_classes))
+            num_classes = getattr(net, "num_classes", scores.shape[1])
+            miou = mean_iou(confusion_matrix(pred, item["label"], num_classes, ignore_index))
             panels = (image_to_rgb(item["image"]), colorize(item["label"], dataset_name),
                       colorize(pred, dataset_name), overlay(item["image"], pred, 0.55, dataset_name))
             for ax, img, title in zip(row, panels, ("image", "ground truth", f"prediction (mIoU {100 * miou:.1f})",

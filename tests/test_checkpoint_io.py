@@ -171,6 +171,14 @@ def test_reduce_to_os_system_is_not_run(tmp_path):
     assert not marker.exists()
 
 
+def test_garbage_file_is_reported_corrupt_not_unsafe(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"0123456789")
+    with pytest.raises(CheckpointError, match="corrupt or not a torch checkpoint") as err:
+        safe_load(tmp_path / "junk.pt")
+    assert not isinstance(err.value, UnsafeCheckpointError)
+    assert "junk.pt" in str(err.value) and "arbitrary pickled objects" not in str(err.value)
+
+
 def test_missing_imagenet_file_names_url_and_place(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_imagenet_weights(_model("resnet18"), tmp_path / "nope.pth")

@@ -117,6 +117,16 @@ def test_channels_last_matches_contiguous(r18):
         assert torch.allclose(fast(x), r18(x), atol=1e-4)
 
 
+def test_projector_keeps_default_init_heads_get_kaiming(r18):
+    # PyTorch's default Conv2d weights are uniform within 1/sqrt(fan_in); kaiming-normal (std sqrt(2/fan_in))
+    # lands outside that bound for about half of the weights, so the bound tells the two inits apart
+    for conv in (r18.projector[0], r18.projector[2]):
+        bound = 1 / math.sqrt(conv.weight[0].numel())
+        assert float(conv.weight.detach().abs().max()) <= bound
+    classifier = r18.classifier[1].weight.detach()
+    assert float(classifier.abs().max()) > 1 / math.sqrt(classifier[0].numel())
+
+
 def test_random_init_warns_and_model_config_needs_classes():
     with pytest.warns(UserWarning, match="will not match the paper"):
         model = build_model(ModelConfig(backbone="resnet18", pretrained=None), num_classes=5)

@@ -17,7 +17,9 @@ __version__ = "0.1.0"
 
 from .config import Config, load_config  # noqa: E402
 # Imported eagerly on purpose: ``cacnb.launch`` is also a module name, and binding the function here keeps
-# ``cacnb.launch(...)`` the function whatever was imported before. launch.py does not import torch.
+# ``cacnb.launch(...)`` the function whatever was imported before (the module stays reachable as
+# ``importlib.import_module("cacnb.launch")`` or through ``from cacnb.launch import ...``). launch.py does not
+# import torch.
 from .launch import launch  # noqa: E402
 
 _LAZY = {"build_model": "cacnb.model", "load_checkpoint": "cacnb.model"}

@@ -100,7 +100,7 @@ class TrainConfig:
     amp: bool = False                     # bf16 autocast, CUDA only
     compile: bool = False                 # torch.compile the model
     out_dir: str = "runs"
-    run_name: Optional[str] = None        # default: the config name
+    run_name: Optional[str] = None        # default: <config name>_<mode>
     resume: Optional[str] = None          # checkpoint path; last.pt in the run dir resumes automatically
     eval_mode: str = "whole"              # whole | slide
     max_iters: Optional[int] = None       # stop after this many iterations in total (smoke tests)
@@ -145,7 +145,9 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.train.out_dir) / (self.train.run_name or self.name)
+        """``<out_dir>/<run_name>``, by default ``<out_dir>/<config name>_<mode>``, so a CAC run and its supervised
+        baseline never share a run dir (and never resume each other's checkpoints)."""
+        return Path(self.train.out_dir) / (self.train.run_name or f"{self.name}_{self.train.mode}")
 
 
 def _check_choice(key: str, value: Any, choices: Iterable[str]) -> None:
@@ -308,11 +310,11 @@ def _voc(backbone: str, n_labeled: int) -> Config:
     return cfg
 
 
-def _cityscapes(n_labeled: int) -> Config:
-    cfg = Config(name=f"cityscapes_r50_{n_labeled}")
+def _cityscapes(n_labeled: int, backbone: str = "resnet50") -> Config:
+    cfg = Config(name=f"cityscapes_{backbone.replace('resnet', 'r')}_{n_labeled}")
     cfg.data = DataConfig(dataset="cityscapes", data_dir="data/cityscapes", n_labeled=n_labeled, num_classes=19,
                           base_size=2048, crop_size=720, color_jitter=True, num_workers=8)
-    cfg.model = ModelConfig(backbone="resnet50", pretrained=PAPER_PRETRAINED["resnet50"])
+    cfg.model = ModelConfig(backbone=backbone, pretrained=PAPER_PRETRAINED[backbone])
     cfg.loss = LossConfig(selected_num=16200, step_save=0)
     # official Cityscapes file: lr 0.1, 80 epochs; iterations follow the unlabeled set (2975 - n) / 8
     cfg.optim = OptimConfig(lr=0.1)
@@ -358,14 +360,25 @@ def from_official(d: Mapping[str, Any]) -> Config:
     Keys that only steer the official trainer's bookkeeping (``save_dir``, ``tensorboardX``, ``n_gpu``, ...) are
     ignored; ``n_gpu`` does not matter because batch sizes are global here, as they are there.
     """
-    dataset = d.get("dataset", "voc")
-    if dataset == "city":
-        dataset = "cityscapes"
+    try:
+        return _from_official(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot read this official CAC config: {e!r}; compare it with the files in the CAC "
+                          f"repository's configs/ folder") from None
+
+
+def _from_official(d: Mapping[str, Any]) -> Config:
+    dataset = {"voc": "voc", "city": "cityscapes", "cityscapes": "cityscapes"}.get(d.get("dataset", "voc"))
+    if dataset is None:
+        raise ConfigError(f"official config: dataset {d.get('dataset')!r} is not supported; cacnb reads 'voc' and "
+                          f"'cityscapes' (or 'city')")
     n_labeled = int(d.get("n_labeled_examples", 1323))
     m = d.get("model", {})
     layers = int(m.get("layers", 50))
+    if layers not in (50, 101):
+        raise ConfigError(f"official config: model.layers must be 50 or 101 (as in the paper), got {layers}")
     backbone = f"resnet{layers}"
-    cfg = _voc(backbone, n_labeled) if dataset == "voc" else _cityscapes(n_labeled)
+    cfg = _voc(backbone, n_labeled) if dataset == "voc" else _cityscapes(n_labeled, backbone)
     cfg.name = str(d.get("experim_name") or cfg.name)
     if "data_dir" in d:
         cfg.data.data_dir = str(d["data_dir"])
@@ -469,6 +482,18 @@ def atomic_write_text(path: "str | os.PathLike", text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` with its data, split, weight, output and resume paths made absolute (see
+    :func:`cacnb.paths.resolve`), so every rank and subprocess agrees on them whatever its working directory."""
+    from .paths import resolve
+
+    over = {"data.data_dir": str(resolve(cfg.data.data_dir)), "train.out_dir": str(resolve(cfg.train.out_dir))}
+    for key in ("data.split_dir", "model.pretrained", "train.resume"):
+        if get_key(cfg, key):
+            over[key] = str(resolve(get_key(cfg, key)))
+    return apply_overrides(cfg, over)
 
 
 def per_rank_batch(global_batch: int, world_size: int, key: str = "train.batch_size") -> int:

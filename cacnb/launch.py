@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .config import Config, load_config, save_config
-from .paths import resolve
+from .config import Config, absolute_paths, load_config, save_config
 
 
 class LaunchError(RuntimeError):
@@ -63,8 +62,9 @@ def launch(config: "Config | str" = "synthetic", *, nproc: int = 1,
     ``timeout`` (seconds) bounds the whole run; process-group setup is bounded separately by the
     ``CACNB_DIST_TIMEOUT`` environment variable (default 600 s).
     """
-    cfg = load_config(config, overrides)
-    run_dir = resolve(cfg.run_dir)
+    # resolve here, where the kernel's cwd applies: the worker runs from the project root
+    cfg = absolute_paths(load_config(config, overrides))
+    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, run_dir / "config.json")
     cmd = torchrun_command(config_path, nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
@@ -136,13 +136,11 @@ def overrides_from_parameters(config: "Config | str", *, mode: Optional[str] = N
                               amp: Optional[bool] = None, extra: Optional[Mapping[str, object]] = None) -> dict:
     """Turn notebook 03's papermill parameters into typed config overrides; ``None`` keeps the config's value.
 
-    The run is named ``<config name>_<mode>`` unless ``run_name`` is given, so a supervised baseline and a CAC
-    run of the same config sit side by side in ``out_dir``.
+    The run dir is ``<out_dir>/<config name>_<mode>`` unless ``run_name`` is given, so a supervised baseline and a
+    CAC run of the same config sit side by side.
     """
-    base = load_config(config)
-    mode = mode or base.train.mode
-    over = {"train.mode": mode, "train.run_name": run_name or f"{base.name}_{mode}"}
-    for key, value in (("data.data_dir", data_dir), ("train.epochs", epochs),
+    over: dict = {}
+    for key, value in (("train.mode", mode), ("train.run_name", run_name), ("data.data_dir", data_dir), ("train.epochs", epochs),
                        ("train.iters_per_epoch", iters_per_epoch), ("train.out_dir", out_dir),
                        ("train.resume", resume), ("train.amp", amp)):
         if value is not None:

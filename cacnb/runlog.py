@@ -86,7 +86,7 @@ class MetricsLog:
         """On resume, drop lines logged after the checkpoint so the log matches the restored state."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in read_metrics(self.path) if r.get("iter", 0) <= iteration]
+        keep = [r for r in read_metrics(self.path) if r.get("iter", 0) <= iteration and r.get("kind") != "final"]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 

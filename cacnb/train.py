@@ -24,11 +24,10 @@ from typing import Optional
 import torch
 
 from . import dist
-from .config import (PRESETS, Config, ConfigError, apply_overrides, atomic_write_text, load_config, per_rank_batch,
+from .config import (PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config, per_rank_batch,
                      save_config, valid_keys)
 from .engine import (build_optimizer, first_bad_term, load_training_checkpoint, make_checkpoint, rng_state,
                      save_checkpoint, set_lr, set_rng_state, train_step, unwrap)
-from .paths import resolve
 from .runlog import MetricsLog, environment
 
 
@@ -50,13 +49,15 @@ class Trainer:
     """Holds one run's state. ``run()`` trains from the current iteration to the end (or ``train.max_iters``)."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        self.cfg = _absolute_paths(cfg)
+        self.cfg = absolute_paths(cfg)
         self.device = device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = dist.is_main()
         self.batch_l = per_rank_batch(cfg.train.batch_size, self.world, "train.batch_size")
         self.batch_u = per_rank_batch(cfg.train.batch_size_unsup, self.world, "train.batch_size_unsup")
         _check_batchnorm_batch(cfg, min(self.batch_l, self.batch_u), self.world, device)
+        if cfg.train.mode == "semi":
+            _check_negatives(cfg, self.world)
         self.run_dir = Path(self.cfg.run_dir)
         self.iteration, self.best_miou, self.history = 0, -1.0, []
         self.total = cfg.train.epochs * cfg.train.iters_per_epoch
@@ -67,6 +68,8 @@ class Trainer:
         self._build_data()
         self._build_model()
         self._maybe_resume()
+        # after the resume, so steps logged past the checkpoint by a crashed run are purged, not duplicated
+        self.tb = _tensorboard(self.run_dir, self.iteration) if self.main else None
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -77,7 +80,6 @@ class Trainer:
             atomic_write_text(self.run_dir / "env.json", json.dumps(environment(self.world), indent=2) + "\n")
         dist.barrier()
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
-        self.tb = _tensorboard(self.run_dir) if self.main else None
 
     def _build_data(self) -> None:
         from .data import build_labeled_dataset, build_pair_dataset, build_val_dataset
@@ -123,11 +125,17 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         path = self.cfg.train.resume or (self.run_dir / "last.pt")
-        if not Path(path).exists():
-            if self.cfg.train.resume:
-                raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+        if self.cfg.train.resume and not Path(path).exists():
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+        # rank 0 decides: ranks that disagree (a node without the shared run dir) would desync and hang
+        found = dist.broadcast_object(Path(path).exists() if self.main else None)
+        if not found:
             return
+        if not Path(path).exists():
+            raise FileNotFoundError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: the run dir "
+                                    f"must be on a file system that every node shares")
         state = load_training_checkpoint(path)
+        _check_same_run(state.get("config") or {}, self.cfg, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("bank") is not None:
@@ -173,7 +181,7 @@ class Trainer:
                 record = self._log_train(window, lr, time.perf_counter() - tic)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                 window, tic = _Window(), time.perf_counter()
-            self._end_of_iteration()
+            tic += self._end_of_iteration()
         bar.close()
         self._finish()
         return self.run_dir
@@ -219,19 +227,21 @@ class Trainer:
     def _epoch(self) -> int:
         return (self.iteration - 1) // self.cfg.train.iters_per_epoch
 
-    def _end_of_iteration(self) -> None:
-        ipe = self.cfg.train.iters_per_epoch
-        epoch_done = self.iteration % ipe == 0 or self.iteration == self.end
-        if epoch_done:
+    def _end_of_iteration(self) -> float:
+        """Validate and checkpoint when due; return the seconds spent, which throughput must not count."""
+        tic = time.perf_counter()
+        ipe, every = self.cfg.train.iters_per_epoch, self.cfg.train.ckpt_every
+        if self.iteration % ipe == 0:
             self._maybe_validate()
             self._save("last.pt")
-        elif self.cfg.train.ckpt_every and self.iteration % self.cfg.train.ckpt_every == 0:
-            self._save("last.pt")
+        elif self.iteration == self.end or (every and self.iteration % every == 0):
+            self._save("last.pt")  # a train.max_iters stop mid-epoch: checkpoint, validate at epoch ends only
+        return time.perf_counter() - tic
 
     def _maybe_validate(self) -> None:
         every = self.cfg.train.val_every
         epoch = self._epoch() + 1
-        if not every or self.val is None or (epoch % every and self.iteration != self.end):
+        if not every or self.val is None or (epoch % every and self.iteration != self.total):
             return
         from .evaluate import evaluate
 
@@ -253,6 +263,7 @@ class Trainer:
             self._save("best.pt")
 
     def _save(self, name: str) -> None:
+        self._check_finite_weights()
         rngs = dist.all_gather_object(rng_state(self.generator))
         if not self.main:
             return
@@ -260,6 +271,14 @@ class Trainer:
                                 epoch=self._epoch(), iteration=self.iteration, rngs=rngs, history=self.history,
                                 best_miou=self.best_miou)
         save_checkpoint(state, self.run_dir / name)
+
+    def _check_finite_weights(self) -> None:
+        """A finite loss can still produce inf gradients; never let such weights overwrite the last checkpoint."""
+        bad = any(not torch.isfinite(p).all() for p in self.model.parameters())
+        if dist.all_reduce_sum(torch.tensor([float(bad)], device=self.device)).item() > 0:
+            raise TrainingDiverged(f"iteration {self.iteration}: the weights are no longer finite (NaN/Inf); "
+                                   f"training stopped before saving, so {self.run_dir / 'last.pt'} still holds "
+                                   f"the last good state. Lower optim.lr or check the data.")
 
     def _finish(self) -> None:
         dist.broadcast_buffers(self.model)
@@ -314,6 +333,35 @@ def _check_batchnorm_batch(cfg: Config, per_rank: int, world: int, device: torch
                           f"global batch of at least {2 * world}, or GPUs with model.sync_bn=true")
 
 
+RUN_DEFINING_KEYS = ("train.mode", "model.backbone", "model.output_stride", "model.proj_dim", "data.num_classes",
+                     "data.dataset")
+
+
+def _check_same_run(saved: dict, cfg: Config, path) -> None:
+    """Refuse to resume a checkpoint of a different run (another mode, backbone, ...) in the same run dir."""
+    from .checkpoint_io import CheckpointError
+
+    diffs = []
+    for key in RUN_DEFINING_KEYS:
+        section, name = key.split(".")
+        theirs, ours = saved.get(section, {}).get(name), getattr(getattr(cfg, section), name)
+        if theirs is not None and theirs != ours:
+            diffs.append(f"{key} is {theirs!r} there but {ours!r} here")
+    if diffs:
+        raise CheckpointError(f"{path} belongs to a different run ({'; '.join(diffs)}). Choose another "
+                              f"train.run_name or train.out_dir, or move that run away")
+
+
+def _check_negatives(cfg: Config, world: int) -> None:
+    """Fail at start-up, not when CAC switches on epochs later, if ``loss.neg_total`` cannot be split."""
+    from .loss import negatives_per_crop
+
+    try:
+        negatives_per_crop(cfg.loss, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def ensure_dataset(cfg: Config) -> None:
     """The synthetic set is written on first use; real datasets must already be in place."""
     if cfg.data.dataset != "synthetic":
@@ -326,24 +374,12 @@ def ensure_dataset(cfg: Config) -> None:
         make_synthetic_voc(root, cfg.data.synthetic_train, cfg.data.synthetic_val, seed=0)
 
 
-def _absolute_paths(cfg: Config) -> Config:
-    """Resolve data/run/split/weight paths once, so every rank and subprocess agrees on them."""
-    over = {"data.data_dir": str(resolve(cfg.data.data_dir)), "train.out_dir": str(resolve(cfg.train.out_dir))}
-    if cfg.data.split_dir:
-        over["data.split_dir"] = str(resolve(cfg.data.split_dir))
-    if cfg.model.pretrained:
-        over["model.pretrained"] = str(resolve(cfg.model.pretrained))
-    if cfg.train.resume:
-        over["train.resume"] = str(resolve(cfg.train.resume))
-    return apply_overrides(cfg, over)
-
-
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, iteration: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(run_dir / "tb"))
+    return SummaryWriter(str(run_dir / "tb"), purge_step=iteration + 1 if iteration else None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -371,6 +407,9 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
         print(f"cacnb.train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingDiverged as e:
+        print(f"cacnb.train: stopped: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

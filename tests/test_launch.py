@@ -22,9 +22,33 @@ def test_commands_for_one_and_many_workers(tmp_path):
 
 def test_parameters_become_typed_overrides():
     over = overrides_from_parameters("synthetic", mode="supervised", epochs=2, data_dir=None, out_dir="runs/x")
-    assert over == {"train.mode": "supervised", "train.run_name": "synthetic_supervised", "train.epochs": 2,
-                    "train.out_dir": "runs/x"}
-    assert overrides_from_parameters("voc_r50_1323")["train.run_name"] == "voc_r50_1323_semi"
+    assert over == {"train.mode": "supervised", "train.epochs": 2, "train.out_dir": "runs/x"}
+    assert overrides_from_parameters("voc_r50_1323") == {}
+    # a baseline and a CAC run of one config never share a run dir
+    from pathlib import Path
+
+    from cacnb.config import load_config
+
+    assert load_config("voc_r50_1323").run_dir == Path("runs/voc_r50_1323_semi")
+    assert load_config("synthetic", over).run_dir == Path("runs/x/synthetic_supervised")
+
+
+def test_kernel_relative_paths_reach_the_worker_resolved(tmp_path, monkeypatch):
+    """A notebook kernel runs in notebooks/; the worker runs from the project root: paths must not drift."""
+    import importlib
+
+    launch_mod = importlib.import_module("cacnb.launch")  # the module; `cacnb.launch` itself is the function
+    seen = {}
+    monkeypatch.setattr(launch_mod, "_run_streaming", lambda cmd, env, **kw: (seen.setdefault("cmd", cmd), (0, []))[1])
+    (tmp_path / "kernel" / "mydata").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "kernel")
+    run = launch("synthetic", overrides={"data.data_dir": "mydata", "train.out_dir": str(tmp_path / "runs")},
+                 quiet=True)
+    from cacnb.config import load_config
+
+    saved = load_config(run / "config.json")
+    assert saved.data.data_dir == str(tmp_path / "kernel" / "mydata")
+    assert seen["cmd"][-1] == str(run / "config.json")
 
 
 def test_a_failing_worker_raises_with_the_tail_of_its_log(tmp_path, capsys):

@@ -36,7 +36,7 @@ def train_losses(run_dir):
 def test_semi_run_writes_the_run_dir(tmp_path, synthetic_data_dir):
     from cacnb.train import train
 
-    run = train(tiny(tmp_path, synthetic_data_dir))
+    run = train(tiny(tmp_path, synthetic_data_dir, **{"optim.backbone_lr_mult": 0.1}))
     for name in ("config.json", "env.json", "metrics.jsonl", "last.pt", "best.pt"):
         assert (run / name).exists(), name
     kinds = split_kinds(read_metrics(run))
@@ -49,11 +49,14 @@ def test_semi_run_writes_the_run_dir(tmp_path, synthetic_data_dir):
     assert set(state) >= {"model", "optimizer", "bank", "rng", "config", "history", "epoch", "scaler"}
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__
-    # the poly schedule decays every iteration; the backbone runs at lr / 10 (synthetic preset: x1, so check ratio)
+    # the poly schedule decays every iteration; the backbone runs at lr / 10
     lrs = [r["lr"] for r in kinds["train"]]
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert groups["backbone"]["initial_lr"] == pytest.approx(0.1 * groups["head"]["initial_lr"])
+    assert groups["head"]["momentum"] == 0.9 and groups["head"]["weight_decay"] == 1e-4
     # a finished run is not retrained when launched again
-    assert train(tiny(tmp_path, synthetic_data_dir)) == run
+    assert train(tiny(tmp_path, synthetic_data_dir, **{"optim.backbone_lr_mult": 0.1})) == run
     assert len(split_kinds(read_metrics(run))["train"]) == 6
 
 
@@ -79,11 +82,15 @@ def test_resume_is_exact(tmp_path, synthetic_data_dir):
 
 @pytest.mark.filterwarnings("ignore")
 def test_supervised_mode_trains_without_the_unlabeled_branch(tmp_path, synthetic_data_dir):
+    from cacnb.checkpoint_io import CheckpointError
     from cacnb.train import train
 
     run = train(tiny(tmp_path, synthetic_data_dir, **{"train.mode": "supervised", "train.epochs": 1}))
     rows = split_kinds(read_metrics(run))["train"]
     assert rows and all("loss_unsup" not in r for r in rows)
+    # a CAC run pointed at the baseline's run dir refuses its checkpoint instead of resuming it
+    with pytest.raises(CheckpointError, match="train.mode is 'supervised' there but 'semi' here"):
+        train(tiny(tmp_path, synthetic_data_dir, **{"train.epochs": 1}))
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -10,7 +10,6 @@ contrastive loss of :mod:`cacnb.loss`.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -154,20 +153,11 @@ def make_checkpoint(model, optimizer, cfg: Config, *, bank, scaler, epoch: int, 
 
 
 def save_checkpoint(state: dict, path: "str | os.PathLike") -> Path:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``. A crash never leaves a torn
-    file under ``path``; the previous checkpoint stays until the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write atomically (temporary file + ``os.replace``): the previous checkpoint stays until the new one is
+    complete, so a crash never leaves a torn file under ``path``."""
+    from .paths import atomic_write
+
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_checkpoint(path: "str | os.PathLike") -> dict:

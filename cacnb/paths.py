@@ -3,8 +3,9 @@ under papermill: relative paths such as ``data/synthetic`` or ``runs/demo`` mean
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 def project_root(start: Optional[Path] = None) -> Optional[Path]:
@@ -29,3 +30,23 @@ def resolve(path: "str | os.PathLike", must_exist: bool = False) -> Path:
     if must_exist and not candidate.exists():
         raise FileNotFoundError(f"{path}: not found relative to {Path.cwd()} nor to the project root {root}")
     return candidate
+
+
+def atomic_write(path: "str | os.PathLike", write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash or an exception never leaves a torn file under ``path``: the previous version stays until the new
+    one is complete, and the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

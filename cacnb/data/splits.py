@@ -215,19 +215,19 @@ def cityscapes_pairs(root: Path, subset: str) -> list[Pair]:
 
 def train_pairs(data_cfg) -> list[Pair]:
     """Every training sample the dataset provides (before the labeled/unlabeled split)."""
-    cfg = _data_cfg(data_cfg)
-    root = dataset_root(cfg)
-    if _kind(cfg.dataset) == "cityscapes":
-        return cityscapes_pairs(root, "train")
-    return voc_pairs(voc_train_ids(root))
+    return _subset_pairs(data_cfg, "train")
 
 
 def val_pairs(data_cfg) -> list[Pair]:
+    return _subset_pairs(data_cfg, "val")
+
+
+def _subset_pairs(data_cfg, subset: str) -> list[Pair]:
     cfg = _data_cfg(data_cfg)
     root = dataset_root(cfg)
     if _kind(cfg.dataset) == "cityscapes":
-        return cityscapes_pairs(root, "val")
-    return voc_pairs(voc_val_ids(root))
+        return cityscapes_pairs(root, subset)
+    return voc_pairs(voc_train_ids(root) if subset == "train" else voc_val_ids(root))
 
 
 # ---------------------------------------------------------------------------------------------------------------

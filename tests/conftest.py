@@ -23,3 +23,25 @@ def synthetic_voc(tmp_path_factory):
 def synthetic_data_dir(synthetic_voc):
     """The folder to pass as ``data.data_dir`` (it holds VOCdevkit/VOC2012)."""
     return synthetic_voc.parent.parent
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waits make
+    them up to 10x slower; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_model_checkpoint(model, path, cfg=None):
+    """A minimal cacnb checkpoint (the engine's format, written the engine's way) of ``model``."""
+    from cacnb.engine import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict()}
+    if cfg is not None:
+        state["config"] = cfg.to_dict()
+    return save_checkpoint(state, path)

@@ -14,6 +14,8 @@ import torch.nn as nn
 
 from cacnb.evaluate import (evaluate, predict, predict_slide, predict_whole, shard_indices, _window_starts)
 
+from conftest import save_model_checkpoint
+
 K = 5
 
 
@@ -170,8 +172,7 @@ def tiny_checkpoint(synthetic_data_dir, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(cfg)
-    torch.save({"format": "cacnb-checkpoint", "version": 1, "model": model.state_dict(), "config": cfg.to_dict()},
-               root / "best.pt")
+    save_model_checkpoint(model, root / "best.pt", cfg)
     return root / "config.json", root / "best.pt"
 
 

@@ -21,14 +21,7 @@ def _model(backbone="resnet18", output_stride=16, num_classes=21, **overrides) -
         return build_model(cfg)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waits make
-    them up to 10x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 
 from cacnb.config import load_config
 from cacnb.model import build_model
+
+from conftest import save_model_checkpoint
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "01_model.ipynb"
 
@@ -33,7 +34,7 @@ def test_notebook_runs_with_a_checkpoint(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         model = build_model(load_config("synthetic"))
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"format": "cacnb-checkpoint", "version": 1, "model": model.state_dict()}, ckpt)
+    save_model_checkpoint(model, ckpt)
     out = tmp_path / "01_out.ipynb"
     papermill.execute_notebook(str(NB), str(out), parameters={"weights": str(ckpt), "image_size": [67, 93]},
                                kernel_name="python3", cwd=str(tmp_path), progress_bar=False)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
+
+from conftest import save_model_checkpoint
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "02_loss_walkthrough.ipynb"
 TINY = ["data.n_labeled=4", "data.crop_size=64", "data.base_size=80", "loss.selected_num=128"]
@@ -42,7 +43,7 @@ def test_notebook_runs_and_checks_the_fast_loss(tmp_path, synthetic_data_dir, mo
         warnings.simplefilter("ignore")
         model = build_model(load_config("synthetic"))
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"format": "cacnb-checkpoint", "version": 1, "model": model.state_dict()}, ckpt)
+    save_model_checkpoint(model, ckpt)
     out = tmp_path / "02_out.ipynb"
     # gamma = 0.3: an untrained model is rarely confident, and the terms should not all be empty
     params = {"data_dir": str(synthetic_data_dir), "checkpoint": str(ckpt), "pair_index": 1, "pos_thresh": 0.3,

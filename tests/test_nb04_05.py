@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_model_checkpoint
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -27,8 +29,7 @@ def tiny_run(synthetic_data_dir, tmp_path_factory):
         torch.manual_seed(0)
         model = build_model(cfg)
     (root / "semi").mkdir()
-    torch.save({"format": "cacnb-checkpoint", "version": 1, "model": model.state_dict(), "config": cfg.to_dict()},
-               root / "semi" / "best.pt")
+    save_model_checkpoint(model, root / "semi" / "best.pt", cfg)
     (root / "supervised").mkdir()
     iou = [0.5] + [None] * 20
     (root / "supervised" / "metrics.jsonl").write_text(

@@ -366,12 +366,12 @@ def ensure_dataset(cfg: Config) -> None:
     """The synthetic set is written on first use; real datasets must already be in place."""
     if cfg.data.dataset != "synthetic":
         return
-    from .data.synthetic import make_synthetic_voc
+    from .data.synthetic import make_synthetic_for
 
     root = Path(cfg.data.data_dir)
     if not (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").exists():
         print(f"[cacnb] writing the synthetic dataset to {root}", flush=True)
-        make_synthetic_voc(root, cfg.data.synthetic_train, cfg.data.synthetic_val, seed=0)
+        make_synthetic_for(cfg.data)
 
 
 def _tensorboard(run_dir: Path, iteration: int):

@@ -107,6 +107,8 @@ class ObjectClass:
     shape: str                  # key of SHAPES
     colour: tuple[int, int, int]
     texture: str                # key of TEXTURES
+    radius: tuple[float, float] = (0.1, 0.3)   # instance radius as a fraction of the image's short side
+    region: Optional[str] = None               # "water" | "ground": where the centre must lie (context style)
 
 
 OBJECT_CLASSES: tuple[ObjectClass, ...] = (
@@ -121,9 +123,29 @@ OBJECT_CLASSES: tuple[ObjectClass, ...] = (
 )
 
 
-def synthetic_class_indices() -> list[int]:
+# The context benchmark (``style="context"``): two pairs of classes that look exactly alike, so that a small
+# receptive field cannot tell them apart and only context can.
+# * boat / car: one appearance; a boat's centre always lies on water, a car's on ground (both background).
+# * bird / bus: one appearance; birds are small, buses large: only the extent of the object tells.
+# aeroplane, bicycle and bottle have looks of their own and anchor the task.
+_VEHICLE = dict(shape="rectangle", colour=(215, 45, 35), texture="hstripes", radius=(0.12, 0.22))
+_BLOB = dict(shape="ellipse", colour=(245, 135, 30), texture="grain")
+CONTEXT_CLASSES: tuple[ObjectClass, ...] = (
+    ObjectClass(1, "cross", (70, 200, 235), "smooth", radius=(0.1, 0.22)),        # aeroplane
+    ObjectClass(2, "ring", (45, 75, 215), "checker", radius=(0.1, 0.22)),         # bicycle
+    ObjectClass(3, radius=(0.05, 0.09), **_BLOB),                                  # bird: small blob
+    ObjectClass(4, region="water", **_VEHICLE),                                    # boat: vehicle on water
+    ObjectClass(5, "capsule", (230, 90, 185), "vstripes", radius=(0.1, 0.22)),    # bottle
+    ObjectClass(6, radius=(0.2, 0.3), **_BLOB),                                    # bus: large blob
+    ObjectClass(7, region="ground", **_VEHICLE),                                   # car: vehicle on ground
+)
+# the ambiguous classes are drawn twice as often as the others
+_CONTEXT_WEIGHTS = np.array([1.0, 1.0, 2.0, 2.0, 1.0, 2.0, 2.0]) / 11.0
+
+
+def synthetic_class_indices(style: str = "objects") -> list[int]:
     """The VOC indices that occur in the synthetic set (besides 0 = background and 255 = border)."""
-    return sorted(c.index for c in OBJECT_CLASSES)
+    return sorted(c.index for c in _style(style).classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,7 +338,7 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = DEFAULT
     previous = None
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
-        radius = rng.uniform(0.1, 0.3) * min(h, w)
+        radius = rng.uniform(*cls.radius) * min(h, w)
         cy, cx = _object_centre(rng, h, w, radius, previous)
         mask = _object_mask(rng, cls, radius)
         _paste(image, label, mask, _appearance(rng, cls, mask.shape[0]), cls.index, cy, cx)
@@ -326,6 +348,78 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = DEFAULT
     image += 4 * rng.standard_normal(image.shape, dtype=np.float32)
     label[_border_band(label, border)] = 255
     return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def _region_colour(rng: np.random.Generator, hue: tuple[float, float], sat: tuple[float, float]) -> np.ndarray:
+    r, g, b = colorsys.hsv_to_rgb(rng.uniform(*hue), rng.uniform(*sat), rng.uniform(0.45, 0.75))
+    return np.array([r, g, b], dtype=np.float32) * 255
+
+
+def _water_and_ground(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image [h, w, 3] float, water bool [h, w]): water (blue, horizontal ripples) on one side of a wavy
+    horizon, ground (brown-grey, blotchy) on the other. Both are background (class 0)."""
+    yy, xx = _grid(h, w)
+    horizon = h * rng.uniform(0.35, 0.65) + 0.08 * h * np.sin(xx / w * rng.uniform(2, 7) + rng.uniform(0, 6.3))
+    water = yy > horizon if rng.random() < 0.5 else yy <= horizon                  # [h, w]
+    period = rng.uniform(4.0, 7.0)
+    ripples = 0.85 + 0.25 * (np.sin(yy * (2 * np.pi / period) + 0.6 * np.sin(xx / 9.0)) > 0)
+    blotch = 0.8 + 0.4 * _lowres_noise(rng, h, w, int(rng.integers(4, 10)))
+    water_rgb = _region_colour(rng, (0.55, 0.62), (0.3, 0.5)) * ripples[..., None]
+    ground_rgb = _region_colour(rng, (0.06, 0.12), (0.15, 0.35)) * blotch[..., None]
+    image = np.where(water[..., None], water_rgb, ground_rgb)
+    return image + 8 * rng.standard_normal((h, w, 1), dtype=np.float32), water
+
+
+def _centre_in_region(rng: np.random.Generator, water: np.ndarray, region: Optional[str],
+                      tries: int = 30) -> Optional[tuple[float, float]]:
+    """A uniform centre, on water or ground when the class demands it (None when no try lands there)."""
+    h, w = water.shape
+    for _ in range(tries):
+        cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+        if region is None or water[int(cy), int(cx)] == (region == "water"):
+            return cy, cx
+    return None
+
+
+def render_context_scene(rng: np.random.Generator, size_range: tuple[int, int] = (96, 144),
+                         max_objects: int = 5, border: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """One scene of the context benchmark (see :data:`CONTEXT_CLASSES`): water and ground, 2 to
+    ``max_objects`` objects. Returns (image uint8 [H, W, 3], label uint8 [H, W])."""
+    h, w = _image_size(rng, size_range)
+    image, water = _water_and_ground(rng, h, w)
+    label = np.zeros((h, w), dtype=np.uint8)
+    for _ in range(int(rng.integers(2, max_objects + 1))):
+        cls = CONTEXT_CLASSES[int(rng.choice(len(CONTEXT_CLASSES), p=_CONTEXT_WEIGHTS))]
+        radius = rng.uniform(*cls.radius) * min(h, w)
+        centre = _centre_in_region(rng, water, cls.region)
+        if centre is None:
+            continue
+        mask = _object_mask(rng, cls, radius)
+        _paste(image, label, mask, _appearance(rng, cls, mask.shape[0]), cls.index, *centre)
+    image *= rng.uniform(0.85, 1.15)
+    image += 4 * rng.standard_normal(image.shape, dtype=np.float32)
+    label[_border_band(label, border)] = 255
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    render: Callable[..., tuple[np.ndarray, np.ndarray]]
+    classes: tuple[ObjectClass, ...]
+    size_range: tuple[int, int]       # default (min, max) image side
+    max_objects: int
+
+
+STYLES: dict[str, SceneStyle] = {
+    "objects": SceneStyle(render_scene, OBJECT_CLASSES, DEFAULT_SIZE_RANGE, 4),    # the quick demo set
+    "context": SceneStyle(render_context_scene, CONTEXT_CLASSES, (96, 144), 5),   # the benchmark
+}
+
+
+def _style(name: str) -> SceneStyle:
+    if name not in STYLES:
+        raise ValueError(f"unknown synthetic style {name!r}; choose one of {sorted(STYLES)}")
+    return STYLES[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,15 +433,19 @@ def _save_sample(voc: Path, sample_id: str, image: np.ndarray, label: np.ndarray
     png.save(voc / "SegmentationClassAug" / f"{sample_id}.png")
 
 
-def sample_ids(num_train: int, num_val: int) -> tuple[list[str], list[str]]:
-    return ([f"synth_train_{i:05d}" for i in range(num_train)], [f"synth_val_{i:05d}" for i in range(num_val)])
+def sample_ids(num_train: int, num_val: int, num_test: int = 0) -> tuple[list[str], list[str], list[str]]:
+    return ([f"synth_train_{i:05d}" for i in range(num_train)], [f"synth_val_{i:05d}" for i in range(num_val)],
+            [f"synth_test_{i:05d}" for i in range(num_test)])
 
 
-def _meta(num_train, num_val, seed, size_range, max_objects, border) -> dict:
-    return {"generator": "cacnb.data.synthetic", "format_version": FORMAT_VERSION, "seed": seed,
+def _meta(num_train, num_val, num_test, style, seed, size_range, max_objects, border) -> dict:
+    meta = {"generator": "cacnb.data.synthetic", "format_version": FORMAT_VERSION, "seed": seed,
             "num_train": num_train, "num_val": num_val, "size_range": list(size_range),
             "max_objects": max_objects, "border": border, "jpeg_quality": JPEG_QUALITY,
-            "classes": {str(c.index): VOC_CLASSES[c.index] for c in OBJECT_CLASSES}}
+            "classes": {str(c.index): VOC_CLASSES[c.index] for c in _style(style).classes}}
+    if style != "objects" or num_test:  # sets written before styles and test splits existed keep their marker
+        meta.update(style=style, num_test=num_test)
+    return meta
 
 
 def is_complete(voc: "str | os.PathLike") -> bool:
@@ -369,8 +467,8 @@ def _clean_stale_partials(root: Path) -> None:
             continue
 
 
-def _generate(voc: Path, splits: Sequence[tuple[str, int, list[str]]], seed: int, size_range, max_objects,
-              border, progress: bool) -> None:
+def _generate(voc: Path, splits: Sequence[tuple[str, int, list[str]]], style: SceneStyle, seed: int, size_range,
+              max_objects, border, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
@@ -381,7 +479,7 @@ def _generate(voc: Path, splits: Sequence[tuple[str, int, list[str]]], seed: int
         for _, split_code, ids in splits:
             for i, sample_id in enumerate(ids):
                 rng = np.random.default_rng([seed, split_code, i])
-                image, label = render_scene(rng, size_range, max_objects, border)
+                image, label = style.render(rng, size_range, max_objects, border)
                 _save_sample(voc, sample_id, image, label, pal)
                 bar.update(1)
     for list_name, _, ids in splits:
@@ -389,30 +487,39 @@ def _generate(voc: Path, splits: Sequence[tuple[str, int, list[str]]], seed: int
 
 
 def make_synthetic_voc(root: "str | os.PathLike", num_train: int = 240, num_val: int = 40, seed: int = 0, *,
-                       size_range: tuple[int, int] = DEFAULT_SIZE_RANGE, max_objects: int = 4, border: int = 2,
-                       overwrite: bool = False, progress: bool = True) -> Path:
+                       num_test: int = 0, style: str = "objects", size_range: Optional[tuple[int, int]] = None,
+                       max_objects: Optional[int] = None, border: int = 2, overwrite: bool = False,
+                       progress: bool = True) -> Path:
     """Write a synthetic VOC 2012 tree under ``root`` and return ``root/VOCdevkit/VOC2012``.
 
     Args:
         root: folder that will hold ``VOCdevkit/`` (created if missing).
-        num_train, num_val: images listed in ``train_aug.txt`` and ``val.txt``.
+        num_train, num_val, num_test: images listed in ``train_aug.txt``, ``val.txt`` and (when > 0)
+            ``test.txt``; the three sets are disjoint (ids ``synth_{train,val,test}_<i>``, each drawn from its own
+            seed stream).
         seed: the same seed gives byte-identical files.
-        size_range: (min, max) side length in pixels (VOC images are at most 500 px; the default is smaller
-            so that the CPU demo can evaluate whole images quickly).
-        max_objects: objects per image are drawn from 1..max_objects.
+        style: ``"objects"`` (the quick demo set: every class has its own look) or ``"context"`` (the benchmark:
+            two pairs of look-alike classes that only context separates; see :data:`CONTEXT_CLASSES`).
+        size_range: (min, max) side length in pixels; default: the style's (VOC images are at most 500 px; the
+            defaults are smaller so that the CPU demo can evaluate whole images quickly).
+        max_objects: upper bound of the objects per image; default: the style's.
         border: width in pixels of the 255 band along class borders (0: none).
         overwrite: replace an existing dataset; otherwise an existing complete one is kept and returned.
         progress: show a tqdm bar and messages.
     """
-    if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
+    if num_train < 1 or num_val < 1 or num_test < 0:
+        raise ValueError(f"num_train and num_val must be >= 1 and num_test >= 0, got {num_train}, {num_val} and "
+                         f"{num_test}")
+    scene = _style(style)
+    size_range = tuple(size_range or scene.size_range)
+    max_objects = max_objects or scene.max_objects
     lo, hi = size_range
     if not 16 <= lo <= hi:
         raise ValueError(f"size_range must be (min, max) with 16 <= min <= max, got {size_range}")
     root = Path(root)
     devkit = root / "VOCdevkit"
     voc = devkit / "VOC2012"
-    meta = _meta(num_train, num_val, seed, size_range, max_objects, border)
+    meta = _meta(num_train, num_val, num_test, style, seed, size_range, max_objects, border)
     if devkit.exists() and not overwrite:
         return _existing(voc, meta, progress)
     root.mkdir(parents=True, exist_ok=True)
@@ -420,17 +527,27 @@ def make_synthetic_voc(root: "str | os.PathLike", num_train: int = 240, num_val:
     tmp = root / f"{_TMP_PREFIX}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        train_ids, val_ids = sample_ids(num_train, num_val)
+        train_ids, val_ids, test_ids = sample_ids(num_train, num_val, num_test)
         splits = [("train_aug.txt", 0, train_ids), ("val.txt", 1, val_ids)]
-        _generate(tmp / "VOCdevkit" / "VOC2012", splits, seed, size_range, max_objects, border, progress)
+        if num_test:
+            splits.append(("test.txt", 2, test_ids))
+        _generate(tmp / "VOCdevkit" / "VOC2012", splits, scene, seed, size_range, max_objects, border, progress)
         # the marker goes last: a folder holding it is complete
         (tmp / "VOCdevkit" / "VOC2012" / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _swap_into_place(tmp / "VOCdevkit", devkit, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:
-        print(f"synthetic VOC: {num_train} train + {num_val} val images written to {voc}")
+        test = f" + {num_test} test" if num_test else ""
+        print(f"synthetic VOC ({style}): {num_train} train + {num_val} val{test} images written to {voc}")
     return voc
+
+
+def make_synthetic_for(data_cfg, root: "str | os.PathLike | None" = None, progress: bool = True) -> Path:
+    """Write the synthetic set a :class:`cacnb.config.DataConfig` describes (its ``synthetic_*`` keys) under
+    ``root`` (default: ``data_dir``); an existing complete set is kept."""
+    return make_synthetic_voc(root or data_cfg.data_dir, data_cfg.synthetic_train, data_cfg.synthetic_val, seed=0,
+                              num_test=data_cfg.synthetic_test, style=data_cfg.synthetic_style, progress=progress)
 
 
 def _existing(voc: Path, meta: dict, progress: bool) -> Path:
@@ -481,16 +598,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--root", default="data/synthetic", help="folder that will hold VOCdevkit/")
     parser.add_argument("--num-train", type=int, default=240)
     parser.add_argument("--num-val", type=int, default=40)
+    parser.add_argument("--num-test", type=int, default=0, help="images of a held-out test split (0: none)")
+    parser.add_argument("--style", default="objects", choices=sorted(STYLES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-size", type=int, default=DEFAULT_SIZE_RANGE[0], help="smallest image side")
-    parser.add_argument("--max-size", type=int, default=DEFAULT_SIZE_RANGE[1], help="largest image side")
+    parser.add_argument("--min-size", type=int, default=None, help="smallest image side (default: the style's)")
+    parser.add_argument("--max-size", type=int, default=None, help="largest image side (default: the style's)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the dataset exists")
     args = parser.parse_args(argv)
     from ..paths import resolve
 
     try:
-        make_synthetic_voc(resolve(args.root), args.num_train, args.num_val, args.seed,
-                           size_range=(args.min_size, args.max_size), overwrite=args.force)
+        default_lo, default_hi = _style(args.style).size_range
+        make_synthetic_voc(resolve(args.root), args.num_train, args.num_val, args.seed, num_test=args.num_test,
+                           style=args.style, size_range=(args.min_size or default_lo, args.max_size or default_hi),
+                           overwrite=args.force)
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

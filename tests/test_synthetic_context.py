@@ -1,0 +1,111 @@
+"""The context benchmark: look-alike classes that only context separates, three disjoint splits."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cacnb.config import SYNTHETIC_STYLES, load_config
+from cacnb.data import synthetic
+from cacnb.data.synthetic import CONTEXT_CLASSES, STYLES, make_synthetic_for, make_synthetic_voc
+
+SMALL = (48, 72)
+
+
+def _ids(voc, name):
+    return (voc / "ImageSets" / "Segmentation" / name).read_text().split()
+
+
+def _by_index():
+    return {c.index: c for c in CONTEXT_CLASSES}
+
+
+def test_config_styles_are_the_generators_styles():
+    assert tuple(sorted(STYLES)) == SYNTHETIC_STYLES
+
+
+def test_look_alike_pairs_differ_only_in_context_or_size():
+    cls = _by_index()
+    look = ("shape", "colour", "texture")
+    boat, car, bird, bus = cls[4], cls[7], cls[3], cls[6]
+    assert all(getattr(boat, k) == getattr(car, k) for k in look + ("radius",))
+    assert (boat.region, car.region) == ("water", "ground")
+    assert all(getattr(bird, k) == getattr(bus, k) for k in look + ("region",))
+    assert bird.radius[1] < bus.radius[0]                      # sizes never overlap
+    others = [c for c in CONTEXT_CLASSES if c.index not in (3, 4, 6, 7)]
+    looks = {tuple(getattr(c, k) for k in look) for c in others} | {tuple(getattr(boat, k) for k in look),
+                                                                   tuple(getattr(bird, k) for k in look)}
+    assert len(looks) == len(others) + 2                       # every other class has a look of its own
+
+
+def test_region_classes_are_placed_on_their_region():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        _, water = synthetic._water_and_ground(rng, 96, 120)
+        assert 0.2 < water.mean() < 0.8                         # both regions are present
+        for region in ("water", "ground"):
+            cy, cx = synthetic._centre_in_region(rng, water, region)
+            assert water[int(cy), int(cx)] == (region == "water")
+
+
+def test_boats_sit_on_water_and_cars_on_ground_in_rendered_scenes():
+    """Measured on the pixels just outside each object: boats are surrounded by water-coloured (blue) background,
+    cars by ground-coloured (brown) background."""
+    blue_boat, blue_car = [], []
+    for i in range(40):
+        image, label = synthetic.render_context_scene(np.random.default_rng([0, 9, i]))
+        img = image.astype(np.float32)
+        for index, out in ((4, blue_boat), (7, blue_car)):
+            obj = label == index
+            if obj.sum() < 20:
+                continue
+            ring = np.zeros_like(obj)                                     # obj moved 4 px each way
+            ring[4:-4, 4:-4] = obj[:-8, 4:-4] | obj[8:, 4:-4] | obj[4:-4, :-8] | obj[4:-4, 8:]
+            ring &= label == 0
+            if ring.sum() > 10:
+                out.append(float((img[ring, 2] - img[ring, 0]).mean()))    # blue minus red of the surroundings
+    assert len(blue_boat) > 5 and len(blue_car) > 5
+    assert np.median(blue_boat) > 0 > np.median(blue_car)
+
+
+def test_three_disjoint_splits_of_the_requested_sizes(tmp_path):
+    voc = make_synthetic_voc(tmp_path, 12, 5, num_test=4, style="context", size_range=SMALL, progress=False)
+    train, val, test = (_ids(voc, n) for n in ("train_aug.txt", "val.txt", "test.txt"))
+    assert (len(train), len(val), len(test)) == (12, 5, 4)
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    for sample_id in train + val + test:
+        assert (voc / "JPEGImages" / f"{sample_id}.jpg").is_file()
+        values = set(np.unique(np.asarray(Image.open(voc / "SegmentationClassAug" / f"{sample_id}.png"))))
+        assert values <= {0, 255} | set(synthetic.synthetic_class_indices("context"))
+    # the same image index in two splits is a different image (own seed stream per split)
+    first = [np.asarray(Image.open(voc / "JPEGImages" / f"{s[0]}.jpg")) for s in (train, val, test)]
+    assert all(first[0].shape != f.shape or not np.array_equal(first[0], f) for f in first[1:])
+
+
+def test_context_set_is_deterministic(tmp_path):
+    a = make_synthetic_voc(tmp_path / "a", 3, 2, num_test=2, style="context", size_range=SMALL, progress=False)
+    b = make_synthetic_voc(tmp_path / "b", 3, 2, num_test=2, style="context", size_range=SMALL, progress=False)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_preset_describes_a_label_scarce_three_split_benchmark(tmp_path):
+    cfg = load_config("synthetic_context")
+    d = cfg.data
+    assert d.synthetic_style == "context" and d.synthetic_test > 0
+    assert d.n_labeled * 8 <= d.synthetic_train                         # labeled <= 1/8 of the training set
+    assert d.synthetic_train - d.n_labeled >= 8 * d.n_labeled           # unlabeled pool >= 8x labeled
+    assert d.num_classes == max(synthetic.synthetic_class_indices("context")) + 1
+    small = dataclasses.replace(d, synthetic_train=4, synthetic_val=2, synthetic_test=2)
+    voc = make_synthetic_for(small, root=tmp_path, progress=False)
+    assert len(_ids(voc, "test.txt")) == 2
+
+
+def test_unknown_style_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown synthetic style 'nope'"):
+        make_synthetic_voc(tmp_path, 2, 1, style="nope", progress=False)
+    with pytest.raises(Exception, match="data.synthetic_style"):
+        load_config("synthetic", {"data.synthetic_style": "nope"})

@@ -1,8 +1,15 @@
-"""Small plotting helpers for notebook 00: a grid of images with their coloured labels, and class frequencies."""
+"""Small plotting helpers for notebook 00: a grid of images with their coloured labels, and class frequencies.
+
+``python -m cacnb.data.preview --data-dir data/synthetic_context --out docs/synthetic_context.png`` writes the
+grid of a dataset's first training images as a PNG (the figure of data_README.md).
+"""
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -72,3 +79,27 @@ def plot_class_frequencies(counts: np.ndarray, dataset: str = "voc", title: str 
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def main(argv=None) -> int:
+    from .splits import find_voc_root, voc_pairs, voc_train_ids
+
+    p = argparse.ArgumentParser(prog="python -m cacnb.data.preview", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder holding VOCdevkit/VOC2012 (or VOC2012 itself)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--n", type=int, default=8, help="images to show")
+    p.add_argument("--cols", type=int, default=8)
+    args = p.parse_args(argv)
+    root = find_voc_root(Path(args.data_dir))
+    if root is None:
+        print(f"error: no VOC2012 folder under {args.data_dir}", file=sys.stderr)
+        return 2
+    fig = show_grid(root, voc_pairs(voc_train_ids(root)), n=args.n, cols=args.cols, tile=1.6)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=80)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -172,18 +172,19 @@ def test_photometric_order_is_blur_jitter_gray(monkeypatch):
 
 
 def test_blur_before_jitter_is_observable():
-    # a hue turn after the blur rotates the blurred colours; before it, the blur would mix rotated ones. With a
-    # fixed jitter (brightness 1.5, then clamping at 255) the order shows: blur-then-brighten clips the blurred
-    # peak, brighten-then-blur blurs the clipped one, so the two differ by a known amount at the centre.
+    # jitter clamps at 255, so it does not commute with the blur: on a 200-level impulse, blur-then-brighten(1.5)
+    # brightens the blurred peak, brighten-then-blur blurs the clipped one, and the centres differ by a known amount
     x = torch.zeros(3, 9, 9)
     x[:, 4, 4] = 200.0
     blur_first = T.adjust_brightness_(T.blur_5x5_(x.clone()), 1.5)
     jitter_first = T.blur_5x5_(T.adjust_brightness_(x.clone(), 1.5))
     assert blur_first[0, 4, 4] == pytest.approx(200 * 36 / 256 * 1.5)  # 42.2: blurred, then brightened
     assert jitter_first[0, 4, 4] == pytest.approx(255 * 36 / 256)       # 35.9: clipped at 255, then blurred
-    torch.manual_seed(0)
+    # the pipeline: with jitter fixed to brightness 1.5, its output is the blur-first value
     image = torch.zeros(3, 9, 9, dtype=torch.uint8)
     image[:, 4, 4] = 200
-    with T.seeded(3):
-        out = T.photometric(image, p_blur=1.0, p_jitter=0.0, p_gray=0.0)
-    assert out[0, 4, 4] == pytest.approx(200 * 36 / 256)
+    brighten = lambda x: T.adjust_brightness_(x, 1.5)  # noqa: E731
+    with T.seeded(3), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "color_jitter_", brighten)
+        out = T.photometric(image, p_blur=1.0, p_jitter=1.0, p_gray=0.0)
+    assert out[0, 4, 4] == pytest.approx(200 * 36 / 256 * 1.5)

@@ -265,3 +265,13 @@ def test_preflight_names_every_missing_id_of_the_chosen_lists(tmp_path):
     assert missing_labeled == expected  # each missing labeled id, by name; the present ones are not reported
     assert any("id 2007_000033 of voc datalist 0, val" in p.detail for p in missing)
     assert "ids of the chosen split lists missing on disk" in str(report)
+
+
+def test_training_start_prints_the_negatives_line_once(capsys):
+    from cacnb.train import _check_negatives
+
+    _check_negatives(load_config("cityscapes_r50_372"), 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "4 GPUs x 16200 per crop" in lines[0] and "129600 negatives" in lines[0]
+    _check_negatives(load_config("cityscapes_r50_372"), 4)
+    assert capsys.readouterr().out == ""

@@ -145,8 +145,9 @@ def negatives_note(loss_cfg, world_size: int) -> Optional[str]:
     per_crop = negatives_per_crop(loss_cfg, world_size)
     seen = 2 * per_crop * world_size * (loss_cfg.step_save + 1)
     return (f"negatives: the paper ran {loss_cfg.paper_n_gpu} GPUs x {loss_cfg.selected_num} per crop; at "
-            f"{world_size} process(es) each samples {per_crop} per crop, so the loss sees {seen} negatives as in "
-            f"the paper (loss.paper_n_gpu=null: {loss_cfg.selected_num} per crop per process instead)")
+            f"{world_size} process(es) each samples {per_crop} per crop, so the loss sees {seen} negatives (the "
+            f"paper: {negatives_total(loss_cfg)}; loss.paper_n_gpu=null samples {loss_cfg.selected_num} per crop "
+            f"per process instead)")
 
 
 class FeatureBank(nn.Module):

@@ -191,7 +191,12 @@ def import_official(d: Mapping[str, Any]) -> tuple[Config, list[str]]:
                 rule(cfg, value)
             except (TypeError, ValueError):
                 raise ConfigError(f"official config: {key}={value!r} has the wrong type") from None
-    _check_special(leaves, cfg)
+    try:
+        _check_special(leaves, cfg)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"official config: a size, stride or early_stop value is not an integer ({e})") from None
     if ignored:
         notes.append(f"official config: ignored {', '.join(ignored)} (bookkeeping of the official trainer, or "
                      f"keys its code never acts on; see FIDELITY.md)")

@@ -25,6 +25,9 @@ MODES = ("semi", "supervised")
 PRECISIONS = ("fp32", "tf32", "bf16")
 EVAL_MODES = ("whole", "slide")
 SYNTHETIC_STYLES = ("context", "objects")  # the scene styles of cacnb.data.synthetic.STYLES
+# Stride of the features CAC compares: the stride-4 decoder output, 2x2 average pooled (cacnb.model). The pair
+# crops' offsets and overlap boxes are multiples of it, so data.stride must equal it.
+FEATURE_STRIDE = 8
 
 
 class ConfigError(ValueError):
@@ -36,8 +39,9 @@ class DataConfig:
     dataset: str = "synthetic"            # synthetic | voc | cityscapes
     data_dir: str = "data/synthetic"      # VOC: folder holding VOCdevkit/VOC2012 (or VOC2012 itself)
     n_labeled: int = 1323                 # size of the labeled split
-    split_seed: int = 0                   # seed of generated splits
-    split_dir: Optional[str] = None       # folder with official lists {n}_train_(un)supervised.txt
+    split_seed: int = 0                   # seed of generated splits (used when datalist is None)
+    split_dir: Optional[str] = None       # folder with lists {n}_train_(un)supervised.txt (wins over datalist)
+    datalist: Optional[int] = None        # the paper's shipped lists 0/1/2 (VOC, Cityscapes); None: seeded split
     num_classes: int = 21
     ignore_index: int = 255
     base_size: int = 400                  # long side before the random rescale
@@ -74,7 +78,8 @@ class LossConfig:
     selected_num: int = 6400              # negatives sampled per crop per rank (official)
     step_save: int = 1                    # extra steps kept in the feature bank
     epoch_start_unsup: int = 5
-    neg_total: Optional[int] = None       # fix the total negatives whatever the world size (None: official)
+    neg_total: Optional[int] = None       # fix the total negatives whatever the world size (wins over paper_n_gpu)
+    paper_n_gpu: Optional[int] = None     # GPUs of the paper's run: keep its negatives total at any world size
     chunk_size: int = 4096                # negatives per chunk of the streaming logsumexp
     precision: str = "fp32"               # fp32 | tf32 | bf16 similarity matmuls (tf32/bf16: CUDA only)
 
@@ -138,6 +143,7 @@ class Config:
         if self.data.crop_size % self.data.stride:
             raise ConfigError(f"data.crop_size ({self.data.crop_size}) must be a multiple of "
                               f"data.stride ({self.data.stride})")
+        check_paper_settings(self)
         lo, hi = self.data.iou_bound
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"data.iou_bound must satisfy 0 <= lo <= hi <= 1, got {self.data.iou_bound}")
@@ -156,6 +162,22 @@ class Config:
 def _check_choice(key: str, value: Any, choices: Iterable[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def check_paper_settings(cfg: "Config") -> None:
+    """Settings that must agree with the model or with the shipped split lists (see FIDELITY.md)."""
+    if cfg.data.stride != FEATURE_STRIDE:
+        raise ConfigError(f"data.stride must be {FEATURE_STRIDE}, the stride of the features CAC compares (decoder "
+                          f"stride 4, 2x2 average pooled), got {cfg.data.stride}: the pair offsets and overlap "
+                          f"boxes are cut on that grid, and any other value gathers the wrong feature cells")
+    if cfg.loss.paper_n_gpu is not None and cfg.loss.paper_n_gpu < 1:
+        raise ConfigError(f"loss.paper_n_gpu must be >= 1 or null, got {cfg.loss.paper_n_gpu}")
+    if cfg.data.datalist is not None and not cfg.data.split_dir:
+        from .data import official  # lazy: cacnb.data imports this module
+
+        problem = official.choice_problem(cfg.data.dataset, cfg.data.datalist, cfg.data.n_labeled)
+        if problem:
+            raise ConfigError(problem)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,23 +327,25 @@ def _voc(backbone: str, n_labeled: int) -> Config:
     depth = backbone.replace("resnet", "r")
     cfg = Config(name=f"voc_{depth}_{n_labeled}")
     cfg.data = DataConfig(dataset="voc", data_dir="data/VOCtrainval_11-May-2012", n_labeled=n_labeled,
-                          num_classes=21, base_size=400, crop_size=320)
+                          datalist=0, num_classes=21, base_size=400, crop_size=320)
     cfg.model = ModelConfig(backbone=backbone, pretrained=PAPER_PRETRAINED[backbone])
-    # official: step_save 1 for R-50, 2 for R-101
-    cfg.loss = LossConfig(step_save=1 if backbone == "resnet50" else 2)
+    # official: step_save 1 for R-50, 2 for R-101, on 2 GPUs (51,200 / 76,800 negatives)
+    cfg.loss = LossConfig(step_save=1 if backbone == "resnet50" else 2, paper_n_gpu=2)
     cfg.train = TrainConfig(epochs=80, iters_per_epoch=1157)
     return cfg
 
 
 def _cityscapes(n_labeled: int, backbone: str = "resnet50") -> Config:
     cfg = Config(name=f"cityscapes_{backbone.replace('resnet', 'r')}_{n_labeled}")
-    cfg.data = DataConfig(dataset="cityscapes", data_dir="data/cityscapes", n_labeled=n_labeled, num_classes=19,
-                          base_size=2048, crop_size=720, color_jitter=True, num_workers=8)
+    cfg.data = DataConfig(dataset="cityscapes", data_dir="data/cityscapes", n_labeled=n_labeled, datalist=0,
+                          num_classes=19, base_size=2048, crop_size=720, color_jitter=True, num_workers=8)
     cfg.model = ModelConfig(backbone=backbone, pretrained=PAPER_PRETRAINED[backbone])
-    cfg.loss = LossConfig(selected_num=16200, step_save=0)
-    # official Cityscapes file: lr 0.1, 80 epochs; iterations follow the unlabeled set (2975 - n) / 8
+    # official: 4 GPUs, 2 x 16200 x 4 x 1 = 129,600 negatives
+    cfg.loss = LossConfig(selected_num=16200, step_save=0, paper_n_gpu=4)
+    # official Cityscapes file: lr 0.1, 80 epochs; the official trainer fixes 1157 iterations per epoch for every
+    # dataset, and validates on whole images
     cfg.optim = OptimConfig(lr=0.1)
-    cfg.train = TrainConfig(epochs=80, iters_per_epoch=max(1, (2975 - n_labeled) // 8), eval_mode="slide")
+    cfg.train = TrainConfig(epochs=80, iters_per_epoch=1157, eval_mode="whole")
     return cfg
 
 
@@ -376,81 +400,20 @@ def is_official_json(d: Mapping[str, Any]) -> bool:
     return "n_labeled_examples" in d or "train_supervised" in d
 
 
-def from_official(d: Mapping[str, Any]) -> Config:
-    """Map an official CAC JSON config (as shipped in its ``configs/``) onto a :class:`Config`.
+def from_official(d: Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
+    """Map an official CAC JSON config (as shipped in its ``configs/``) onto a :class:`Config`, then apply
+    ``overrides``.
 
-    Keys that only steer the official trainer's bookkeeping (``save_dir``, ``tensorboardX``, ``n_gpu``, ...) are
-    ignored; ``n_gpu`` does not matter because batch sizes are global here, as they are there.
+    Every key is mapped, checked or noted (:mod:`cacnb.official_json`); the notes are printed as one line each, by
+    rank 0 only. A misspelt key, or a value cacnb cannot honour, is a :class:`ConfigError` naming the key.
     """
-    try:
-        return _from_official(d)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot read this official CAC config: {e!r}; compare it with the files in the CAC "
-                          f"repository's configs/ folder") from None
+    from . import official_json  # lazy: official_json imports this module's presets
 
-
-def _from_official(d: Mapping[str, Any]) -> Config:
-    dataset = {"voc": "voc", "city": "cityscapes", "cityscapes": "cityscapes"}.get(d.get("dataset", "voc"))
-    if dataset is None:
-        raise ConfigError(f"official config: dataset {d.get('dataset')!r} is not supported; cacnb reads 'voc' and "
-                          f"'cityscapes' (or 'city')")
-    n_labeled = int(d.get("n_labeled_examples", 1323))
-    m = d.get("model", {})
-    layers = int(m.get("layers", 50))
-    if layers not in (50, 101):
-        raise ConfigError(f"official config: model.layers must be 50 or 101 (as in the paper), got {layers}")
-    backbone = f"resnet{layers}"
-    cfg = _voc(backbone, n_labeled) if dataset == "voc" else _cityscapes(n_labeled, backbone)
-    cfg.name = str(d.get("experim_name") or cfg.name)
-    if "data_dir" in d:
-        cfg.data.data_dir = str(d["data_dir"])
-    # "datalist": k names the official lists in <CAC clone>/dataloaders/{voc,city}_splits{k}; they are not
-    # shipped here, so point data.split_dir at that folder to train on exactly the paper's split.
-    cfg.data.ignore_index = int(d.get("ignore_index", cfg.data.ignore_index))
-    if not d.get("pretrained", True):
-        cfg.model.pretrained = None
-    cfg.train.seed = int(d.get("random_seed", cfg.train.seed))
-    cfg.train.mode = "supervised" if m.get("supervised", False) and not m.get("semi", True) else "semi"
-    cfg.model.proj_dim = int(m.get("proj_final_dim", cfg.model.proj_dim))
-    for ours, theirs in (("pos_thresh", "pos_thresh_value"), ("weight_unsup", "weight_unsup"),
-                         ("temperature", "temp")):
-        if theirs in m:
-            setattr(cfg.loss, ours, float(m[theirs]))
-    for ours, theirs in (("epoch_start_unsup", "epoch_start_unsup"), ("selected_num", "selected_num"),
-                         ("step_save", "step_save")):
-        if theirs in m:
-            setattr(cfg.loss, ours, int(m[theirs]))
-    if "stride" in m:
-        cfg.data.stride = int(m["stride"])
-    args = d.get("optimizer", {}).get("args", {})
-    for k in ("lr", "weight_decay", "momentum"):
-        if k in args:
-            setattr(cfg.optim, k, float(args[k]))
-    if d.get("diff_lrs") is False:
-        cfg.optim.backbone_lr_mult = 1.0
-    sup, unsup = d.get("train_supervised", {}), d.get("train_unsupervised", {})
-    if "batch_size" in sup:
-        cfg.train.batch_size = int(sup["batch_size"])
-    if "batch_size" in unsup:
-        cfg.train.batch_size_unsup = int(unsup["batch_size"])
-    for key in ("crop_size", "base_size"):
-        if key in sup:
-            setattr(cfg.data, key, int(sup[key]))
-    if "jitter" in sup:
-        cfg.data.color_jitter = bool(sup["jitter"])
-    if "num_workers" in sup:
-        cfg.data.num_workers = int(sup["num_workers"])
-    if "iou_bound" in unsup:
-        cfg.data.iou_bound = tuple(float(v) for v in unsup["iou_bound"])
-    if "stride" in unsup:
-        cfg.data.stride = int(unsup["stride"])
-    trainer = d.get("trainer", {})
-    if "epochs" in trainer:
-        cfg.train.epochs = int(trainer["epochs"])
-    if "log_per_iter" in trainer:
-        cfg.train.log_every = int(trainer["log_per_iter"])
-    if "val_per_epochs" in trainer:
-        cfg.train.val_every = int(trainer["val_per_epochs"]) if trainer.get("val", True) else 0
+    cfg, notes = official_json.import_official(d)
+    cfg = apply_overrides(cfg, overrides)
+    if os.environ.get("RANK", "0") == "0":
+        for line in notes + official_json.data_dir_note(d, cfg):
+            print(line, flush=True)
     return cfg
 
 
@@ -469,7 +432,7 @@ def load_config(source: "str | os.PathLike | Mapping[str, Any] | Config | None" 
     if isinstance(source, Config):
         cfg = source
     elif isinstance(source, Mapping):
-        cfg = from_official(source) if is_official_json(source) else Config.from_dict(source)
+        cfg = _from_json(source, overrides)
     elif str(source) in PRESETS:
         cfg = PRESETS[str(source)]()
     else:
@@ -481,8 +444,13 @@ def load_config(source: "str | os.PathLike | Mapping[str, Any] | Config | None" 
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        cfg = from_official(d) if is_official_json(d) else Config.from_dict(d)
+        cfg = _from_json(d, overrides)
     return apply_overrides(cfg, overrides).validate()
+
+
+def _from_json(d: Mapping[str, Any], overrides) -> Config:
+    """An official file (overrides applied first, so its notes describe the run) or one of ours."""
+    return from_official(d, overrides) if is_official_json(d) else Config.from_dict(d)
 
 
 def save_config(cfg: Config, path: "str | os.PathLike") -> Path:

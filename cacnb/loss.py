@@ -21,7 +21,8 @@ from cacnb.contrastive import (  # noqa: F401  (re-exported: the public loss API
 )
 
 __all__ = [
-    "gather_overlap", "sample_negatives", "negatives_per_crop", "sample_crop_negatives", "FeatureBank",
+    "gather_overlap", "sample_negatives", "negatives_total", "negatives_per_crop", "negatives_note",
+    "sample_crop_negatives", "FeatureBank",
     "cac_unsup_loss",
     "confidence_and_pseudo_label",
     "directional_contrastive_loss", "directional_contrastive_loss_reference", "direction_weights",
@@ -104,21 +105,49 @@ def sample_negatives(feat, label, num, generator: Optional[torch.Generator] = No
     return flat[index], label.detach().reshape(total)[index]
 
 
-def negatives_per_crop(loss_cfg, world_size: int) -> int:
-    """Negatives each rank samples from each crop.
+def negatives_total(loss_cfg) -> Optional[int]:
+    """The total of negatives a loss must see whatever the world size, or None for the official per-rank rule.
 
-    Official: ``selected_num``, so the total a loss sees is ``2 × selected_num × world × (step_save + 1)`` and
-    depends on the GPU count. With ``loss.neg_total`` set, the per-crop count is
-    ``neg_total // (2 × world × (step_save + 1))`` so the total stays fixed whatever the world size.
+    ``loss.neg_total`` if set; else, with ``loss.paper_n_gpu = g`` (the presets and official JSON files set it),
+    the paper's total ``2 × selected_num × g × (step_save + 1)``: 51,200 (VOC R-50, g = 2), 76,800 (VOC R-101,
+    step_save 2), 129,600 (Cityscapes, selected_num 16200, g = 4, step_save 0).
     """
-    if loss_cfg.neg_total is None:
+    if loss_cfg.neg_total is not None:
+        return int(loss_cfg.neg_total)
+    if loss_cfg.paper_n_gpu is not None:
+        return 2 * int(loss_cfg.selected_num) * int(loss_cfg.paper_n_gpu) * (int(loss_cfg.step_save) + 1)
+    return None
+
+
+def negatives_per_crop(loss_cfg, world_size: int) -> int:
+    """Negatives each rank samples from each crop view (over its batch).
+
+    Official: ``selected_num``, so the bank holds ``N = 2 × selected_num × world × (step_save + 1)`` negatives and
+    the total depends on the GPU count. When :func:`negatives_total` gives a target ``T`` (``loss.neg_total``, or
+    the paper's total from ``loss.paper_n_gpu``), the per-crop count is ``T // (2 × world × (step_save + 1))``,
+    so the loss sees the same ``N = T`` at any world size (equal to the official run at ``world = paper_n_gpu``).
+    """
+    total = negatives_total(loss_cfg)
+    if total is None:
         return int(loss_cfg.selected_num)
-    per_crop = int(loss_cfg.neg_total) // (2 * world_size * (loss_cfg.step_save + 1))
+    per_crop = total // (2 * world_size * (loss_cfg.step_save + 1))
     if per_crop < 1:
-        raise ValueError(f"loss.neg_total = {loss_cfg.neg_total} is too small for {world_size} ranks and "
+        raise ValueError(f"loss.neg_total = {total} is too small for {world_size} ranks and "
                          f"loss.step_save = {loss_cfg.step_save}: it must be at least "
                          f"{2 * world_size * (loss_cfg.step_save + 1)}")
     return per_crop
+
+
+def negatives_note(loss_cfg, world_size: int) -> Optional[str]:
+    """One line for the log when the paper's negatives total is kept at a world size other than the paper's."""
+    if loss_cfg.neg_total is not None or loss_cfg.paper_n_gpu is None or loss_cfg.paper_n_gpu == world_size:
+        return None
+    per_crop = negatives_per_crop(loss_cfg, world_size)
+    seen = 2 * per_crop * world_size * (loss_cfg.step_save + 1)
+    return (f"negatives: the paper ran {loss_cfg.paper_n_gpu} GPUs x {loss_cfg.selected_num} per crop; at "
+            f"{world_size} process(es) each samples {per_crop} per crop, so the loss sees {seen} negatives (the "
+            f"paper: {negatives_total(loss_cfg)}; loss.paper_n_gpu=null samples {loss_cfg.selected_num} per crop "
+            f"per process instead)")
 
 
 class FeatureBank(nn.Module):

@@ -354,12 +354,15 @@ def _check_same_run(saved: dict, cfg: Config, path) -> None:
 
 def _check_negatives(cfg: Config, world: int) -> None:
     """Fail at start-up, not when CAC switches on epochs later, if ``loss.neg_total`` cannot be split."""
-    from .loss import negatives_per_crop
+    from .loss import negatives_note, negatives_per_crop
 
     try:
         negatives_per_crop(cfg.loss, world)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    note = negatives_note(cfg.loss, world)
+    if note and dist.is_main():
+        print(note, flush=True)
 
 
 def ensure_dataset(cfg: Config) -> None:

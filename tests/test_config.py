@@ -135,6 +135,7 @@ def test_official_json_variants():
     city = official_voc_r50_1over8()
     city.update(dataset="cityscapes", n_labeled_examples=372)
     city["train_supervised"].update(crop_size=720, base_size=2048, jitter=True)
+    city["train_unsupervised"].update(crop_size=720, base_size=2048)
     cfg = load_config(city)
     assert cfg.data.dataset == "cityscapes" and cfg.data.num_classes == 19 and cfg.data.color_jitter
 

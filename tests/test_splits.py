@@ -114,7 +114,8 @@ def test_cityscapes_lists_by_scanning(tmp_path):
         (tmp_path / "gtFine" / subset / city).mkdir(parents=True)
         for k in range(n):
             (tmp_path / "leftImg8bit" / subset / city / f"{city}_{k:06d}_000019_leftImg8bit.png").touch()
-    cfg = load_config("cityscapes_r50_372", {"data.data_dir": str(tmp_path), "data.n_labeled": 1})
+    cfg = load_config("cityscapes_r50_372", {"data.data_dir": str(tmp_path), "data.n_labeled": 1,
+                                             "data.datalist": None})  # a seeded split of what is on disk
     files = resolve_splits(cfg.data)
     lab, unl, val = (read_split(p) for p in files)
     assert len(lab) == 1 and len(unl) == 2 and len(val) == 1

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from cacnb.data import transforms as T
@@ -92,8 +93,14 @@ def _blocks(h, w, seed):
     return COLOURS[label.long()].permute(2, 0, 1).contiguous(), label
 
 
+def _bilinear(image, size):
+    return F.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
 @pytest.mark.parametrize("h,w", [(30, 45), (45, 30), (90, 60), (100, 150)])
-def test_train_augment_keeps_labels_aligned(h, w):
+def test_train_augment_keeps_labels_aligned(h, w, monkeypatch):
+    # bilinear instead of the (official) bicubic image resize, whose ringing near edges would blur this check
+    monkeypatch.setattr(T, "resize_image", _bilinear)
     image, label = _blocks(h, w, h * w)
     checked = 0
     for seed in range(25):
@@ -128,3 +135,56 @@ def test_train_augment_flips_and_jitter():
     with T.seeded(0):
         img, _ = T.train_augment(image, label, crop_size=40, base_size=40, jitter=True)
     assert img.dtype == torch.float32 and img.shape == (3, 40, 40)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official pipeline: bicubic image resize, then blur p=0.5 (5x5), jitter p=0.8, grayscale p=0.2
+
+
+def test_images_resize_bicubic_labels_nearest(image):
+    label = torch.randint(0, 21, image.shape[-2:], dtype=torch.uint8)
+    size = (image.shape[-2] * 3, image.shape[-1] * 3)
+    out_image, out_label = T.resize_pair(*T.as_tv(image, label), size)
+    bicubic = F.resize(image, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    bilinear = F.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(out_image, bicubic) and not torch.equal(out_image, bilinear)
+    assert set(out_label.unique().tolist()) <= set(label.unique().tolist())  # nearest: no mixed class ids
+
+
+def test_blur_is_the_official_5x5_kernel():
+    impulse = torch.zeros(3, 11, 11)
+    impulse[:, 5, 5] = 256.0
+    out = T.blur_5x5_(impulse.clone())
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    expected = torch.zeros(11, 11)
+    expected[3:8, 3:8] = torch.outer(taps, taps)  # cv2.GaussianBlur(img, (5, 5), 0): [1 4 6 4 1] / 16
+    assert torch.allclose(out[0], expected) and torch.allclose(out[2], expected)
+
+
+def test_photometric_order_is_blur_jitter_gray(monkeypatch):
+    calls = []
+    for name in ("blur_5x5_", "color_jitter_", "grayscale_"):
+        original = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda x, _f=original, _n=name: (calls.append(_n), _f(x))[1])
+    monkeypatch.setattr(T, "coin", lambda p: True)
+    T.photometric(torch.full((3, 8, 8), 100, dtype=torch.uint8))
+    assert calls == ["blur_5x5_", "color_jitter_", "grayscale_"]
+
+
+def test_blur_before_jitter_is_observable():
+    # jitter clamps at 255, so it does not commute with the blur: on a 200-level impulse, blur-then-brighten(1.5)
+    # brightens the blurred peak, brighten-then-blur blurs the clipped one, and the centres differ by a known amount
+    x = torch.zeros(3, 9, 9)
+    x[:, 4, 4] = 200.0
+    blur_first = T.adjust_brightness_(T.blur_5x5_(x.clone()), 1.5)
+    jitter_first = T.blur_5x5_(T.adjust_brightness_(x.clone(), 1.5))
+    assert blur_first[0, 4, 4] == pytest.approx(200 * 36 / 256 * 1.5)  # 42.2: blurred, then brightened
+    assert jitter_first[0, 4, 4] == pytest.approx(255 * 36 / 256)       # 35.9: clipped at 255, then blurred
+    # the pipeline: with jitter fixed to brightness 1.5, its output is the blur-first value
+    image = torch.zeros(3, 9, 9, dtype=torch.uint8)
+    image[:, 4, 4] = 200
+    brighten = lambda x: T.adjust_brightness_(x, 1.5)  # noqa: E731
+    with T.seeded(3), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "color_jitter_", brighten)
+        out = T.photometric(image, p_blur=1.0, p_jitter=1.0, p_gray=0.0)
+    assert out[0, 4, 4] == pytest.approx(200 * 36 / 256 * 1.5)

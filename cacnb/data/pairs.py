@@ -27,6 +27,7 @@ from . import transforms as T
 from .voc import SegFiles
 
 Box = tuple[int, int, int, int]  # top, left, bottom, right (bottom/right exclusive)
+MAX_PAIR_TRIES = 50  # the official pair loader's attempts before it falls back to identical crops
 
 
 class PairWindows(NamedTuple):
@@ -80,7 +81,7 @@ def _partner(start: int, span: int, stride: int, generator: Optional[torch.Gener
 
 
 def sample_pair_windows(height: int, width: int, crop: int, stride: int = 8,
-                        iou_bound: Sequence[float] = (0.1, 1.0), max_tries: int = 20,
+                        iou_bound: Sequence[float] = (0.1, 1.0), max_tries: int = MAX_PAIR_TRIES,
                         generator: Optional[torch.Generator] = None) -> PairWindows:
     """Draw two crop windows on an ``height x width`` image (padded to ``crop``) per the module docstring.
 
@@ -118,7 +119,7 @@ class PairDataset(Dataset):
     def __init__(self, files: SegFiles, *, crop_size: int = 320, base_size: int = 400,
                  scale_range: Sequence[float] = (0.8, 2.0), stride: int = 8,
                  iou_bound: Sequence[float] = (0.1, 1.0), photometric: bool = True, ignore_index: int = 255,
-                 max_tries: int = 20):
+                 max_tries: int = MAX_PAIR_TRIES):
         if crop_size % stride:
             raise ValueError(f"crop_size {crop_size} must be a multiple of stride {stride}")
         self.files = files

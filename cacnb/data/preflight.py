@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..paths import resolve
-from . import splits
+from . import official, splits
 from .errors import DATA_README, DatasetError
 
 NUM_CLASSES = {"voc": 21, "synthetic": 21, "cityscapes": 19}
@@ -34,6 +34,7 @@ KIND_TITLES = {
     "bad_mode": "labels that are not class-index images",
     "bad_values": "labels with unexpected values",
     "size_mismatch": "image/label size mismatches",
+    "missing_split_id": "ids of the chosen split lists missing on disk",
 }
 
 
@@ -127,6 +128,8 @@ def check_dataset(data_cfg_or_root, dataset: Optional[str] = None, *, max_files:
         samples = _voc_samples(folder, report)
     if split_dir:
         _check_split_dir(resolve(split_dir), getattr(cfg, "n_labeled", None), report)
+    if hasattr(cfg, "data_dir"):
+        check_split_ids(cfg, Path(report.root), report)
     report.listed = len(samples)
     todo = samples if max_files is None else samples[:max_files]
     _check_files(todo, set(range(NUM_CLASSES[dataset])) | {IGNORE}, report, progress)
@@ -209,6 +212,41 @@ def _check_split_dir(split_dir: Path, n_labeled: Optional[int], report: Prefligh
             splits.read_split(path)
         except DatasetError as e:
             report.add("missing_list", path, str(e).splitlines()[0])
+
+
+def chosen_lists(cfg) -> dict[str, list[splits.Pair]]:
+    """The lists a run of ``cfg`` will read, by name, when they are given rather than drawn from the files on
+    disk: ``data.split_dir``'s, or the shipped lists of ``data.datalist``. {} for generated splits."""
+    if cfg.split_dir:
+        folder = resolve(cfg.split_dir)
+        names = [*splits.split_names(cfg.n_labeled), "val.txt"]
+        out = {}
+        for name in names:
+            try:
+                out[str(folder / name)] = splits.read_split(folder / name)
+            except DatasetError:
+                continue  # reported by _check_split_dir (val.txt is optional)
+        return out
+    if getattr(cfg, "datalist", None) is None:
+        return {}
+    labeled, unlabeled, val = official.split_pairs(cfg.dataset, cfg.datalist, cfg.n_labeled)
+    prefix = f"{cfg.dataset} datalist {cfg.datalist}"
+    return {f"{prefix}, {cfg.n_labeled} labeled": labeled, f"{prefix}, unlabeled": unlabeled,
+            f"{prefix}, val": val}
+
+
+def check_split_ids(cfg, root: Path, report: PreflightReport) -> None:
+    """Report, by id and list, every image or label that a chosen list names and that is not under ``root``."""
+    try:
+        lists = chosen_lists(cfg)
+    except ValueError as e:  # no official list for this count; the config check says the same
+        report.add("missing_list", f"data.datalist={cfg.datalist}", str(e))
+        return
+    for name, pairs in lists.items():
+        for pair in pairs:
+            for path in splits.pair_paths(root, pair):
+                if not path.is_file():
+                    report.add("missing_split_id", path, f"id {splits.pair_id(pair)} of {name}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,14 @@ One sample per line, image path then label path, both relative to the dataset ro
     /leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png \
         /gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png                    (Cityscapes)
 
-The official repository ships ``{n}_train_supervised.txt`` / ``{n}_train_unsupervised.txt`` lists (VOC: 662, 1323,
-2645 labeled; Cityscapes: 372, 744); point ``data.split_dir`` at such a folder to use them. Without it, cacnb draws
-a seeded, disjoint split of the training ids and writes it under ``<dataset root>/cacnb_splits/seed<k>/``.
+Where a run's lists come from, in this order:
+
+1. ``data.split_dir``: a folder of ``{n}_train_supervised.txt`` / ``{n}_train_unsupervised.txt`` lists (e.g. the
+   ``dataloaders/voc_splits0`` folder of a clone of the official repository);
+2. ``data.datalist = k`` (VOC, Cityscapes): the paper's lists shipped in the package (:mod:`cacnb.data.official`),
+   written out in the line format under ``<dataset root>/cacnb_splits/datalist<k>/``;
+3. ``data.datalist = null``: a seeded, disjoint split of the training ids (``data.split_seed``), written under
+   ``<dataset root>/cacnb_splits/seed<k>/``. Synthetic data always takes this path.
 """
 from __future__ import annotations
 
@@ -258,6 +263,8 @@ def resolve_splits(data_cfg) -> SplitFiles:
         if given.val.is_file():
             return given
         return given._replace(val=_ensure_val(cfg))
+    if getattr(cfg, "datalist", None) is not None:
+        return _official_split_files(cfg, labeled_name, unlabeled_name)
     out = generated_split_dir(cfg)
     files = SplitFiles(out / labeled_name, out / unlabeled_name, out / "val.txt")
     if not (files.labeled.is_file() and files.unlabeled.is_file()):
@@ -265,6 +272,27 @@ def resolve_splits(data_cfg) -> SplitFiles:
         _write_generated(files.unlabeled, unlabeled)
         _write_generated(files.labeled, labeled)
     _ensure_val(cfg)
+    return files
+
+
+def official_split_dir(data_cfg) -> Path:
+    cfg = _data_cfg(data_cfg)
+    return dataset_root(cfg) / SPLITS_SUBDIR / f"datalist{cfg.datalist}"
+
+
+def _official_split_files(cfg, labeled_name: str, unlabeled_name: str) -> SplitFiles:
+    """The shipped lists of ``data.datalist`` for ``data.n_labeled``, written (once) in the line format."""
+    from . import official  # lazy: official imports this module for the line format
+
+    out = official_split_dir(cfg)
+    files = SplitFiles(out / labeled_name, out / unlabeled_name, out / "val.txt")
+    if not all(f.is_file() for f in files):
+        try:
+            labeled, unlabeled, val = official.split_pairs(cfg.dataset, cfg.datalist, cfg.n_labeled)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+        for path, pairs in zip(files, (labeled, unlabeled, val)):
+            _write_generated(path, pairs)
     return files
 
 

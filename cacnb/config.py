@@ -372,13 +372,14 @@ def _synthetic_context() -> Config:
     5 of 15 epochs, as in the paper (5 of 80 epochs), so the pseudo-labels are informative when it starts.
     """
     cfg = Config(name="synthetic_context")
-    cfg.data = DataConfig(dataset="synthetic", data_dir="data/synthetic_context", n_labeled=100, num_classes=8,
+    cfg.data = DataConfig(dataset="synthetic", data_dir="data/synthetic_context", n_labeled=30, num_classes=8,
                           base_size=128, crop_size=64, num_workers=1, synthetic_train=1200, synthetic_val=300,
                           synthetic_test=300, synthetic_style="context")
     cfg.model = ModelConfig(backbone="resnet18", pretrained=None, sync_bn=False)
-    cfg.loss = LossConfig(selected_num=256, step_save=1, epoch_start_unsup=5)
+    cfg.loss = LossConfig(selected_num=256, step_save=1, epoch_start_unsup=4)
     cfg.optim = OptimConfig(lr=0.02, backbone_lr_mult=1.0)  # a random-init backbone needs the full lr
-    cfg.train = TrainConfig(epochs=15, iters_per_epoch=100, batch_size=4, batch_size_unsup=4, log_every=20)
+    cfg.train = TrainConfig(epochs=12, iters_per_epoch=100, batch_size=4, batch_size_unsup=4, log_every=20,
+                            val_every=3)
     return cfg
 
 

@@ -370,13 +370,19 @@ def _water_and_ground(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndar
     return image + 8 * rng.standard_normal((h, w, 1), dtype=np.float32), water
 
 
-def _centre_in_region(rng: np.random.Generator, water: np.ndarray, region: Optional[str],
+def _centre_in_region(rng: np.random.Generator, water: np.ndarray, region: Optional[str], radius: float = 0.0,
                       tries: int = 30) -> Optional[tuple[float, float]]:
-    """A uniform centre, on water or ground when the class demands it (None when no try lands there)."""
+    """A uniform centre; when the class demands a region, the centre and the four points ``radius`` away from it
+    (those inside the image) must all lie on it, so that the object stands wholly on water or on ground and the
+    rule "boat on water, car on ground" holds without exceptions at the horizon. None when no try fits."""
     h, w = water.shape
     for _ in range(tries):
         cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
-        if region is None or water[int(cy), int(cx)] == (region == "water"):
+        if region is None:
+            return cy, cx
+        probes = [(cy, cx), (cy - radius, cx), (cy + radius, cx), (cy, cx - radius), (cy, cx + radius)]
+        inside = [(int(y), int(x)) for y, x in probes if 0 <= y < h and 0 <= x < w]
+        if all(water[y, x] == (region == "water") for y, x in inside):
             return cy, cx
     return None
 
@@ -391,7 +397,7 @@ def render_context_scene(rng: np.random.Generator, size_range: tuple[int, int] =
     for _ in range(int(rng.integers(2, max_objects + 1))):
         cls = CONTEXT_CLASSES[int(rng.choice(len(CONTEXT_CLASSES), p=_CONTEXT_WEIGHTS))]
         radius = rng.uniform(*cls.radius) * min(h, w)
-        centre = _centre_in_region(rng, water, cls.region)
+        centre = _centre_in_region(rng, water, cls.region, radius)
         if centre is None:
             continue
         mask = _object_mask(rng, cls, radius)

@@ -357,7 +357,8 @@ def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
     wall = info.get("wall_seconds")
     pct = int(round(100 * level))
     head = [
-        f"**Study** `{info.get('config', '?')}`: {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) per row; "
+        f"**Study** `{info.get('config', '?')}`: {len(seeds)} seed(s) planned per row "
+        f"({', '.join(map(str, seeds))}; the table's seeds column counts the finished ones); "
         f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} runs finished"
         + (f" (not finished: {', '.join(failed)})" if failed else "") + ".",
         "",

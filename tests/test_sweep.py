@@ -1,0 +1,109 @@
+"""python -m cacnb.sweep: argument checks (fast), then one tiny papermill sweep that is re-run and extended by a
+failing row (slow; the three steps share one sweep dir to stay within about a minute)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+
+import pytest
+
+from cacnb.results import RESULT_COLUMNS
+from cacnb.sweep import build_plan, main, parse_args
+
+from held_out import with_test_split
+
+TINY = ["--set", "data.n_labeled=6", "--set", "data.crop_size=32", "--set", "data.base_size=48",
+        "--set", "data.num_workers=0", "--set", "data.val_max_images=1", "--set", "loss.selected_num=32",
+        "--set", "loss.epoch_start_unsup=0", "--set", "train.batch_size=2", "--set", "train.batch_size_unsup=2",
+        "--set", "train.epochs=1", "--set", "train.iters_per_epoch=1", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def held_out_dir(synthetic_data_dir, tmp_path_factory):
+    return with_test_split(synthetic_data_dir, tmp_path_factory.mktemp("held_out"), n_test=3)
+
+
+def test_plan_names_runs_and_sets_seeds(held_out_dir, tmp_path):
+    plan = build_plan(parse_args(["--config", "synthetic", "--modes", "supervised,semi,full", "--seeds", "3,5",
+                                  "--ablate", "loss.neg_filter=false", "--split-seeds", "--data-dir",
+                                  str(held_out_dir), "--out", str(tmp_path), *TINY]))
+    assert [r.run for r in plan.runs] == ["supervised_s3", "supervised_s5", "semi_s3", "semi_s5", "full_s3",
+                                          "full_s5", "semi-loss.neg_filter-false_s3", "semi-loss.neg_filter-false_s5"]
+    ablated = plan.run_config(plan.runs[-1])
+    assert ablated.train.mode == "semi" and not ablated.loss.neg_filter and ablated.train.seed == 5
+    assert ablated.data.split_seed == 5 and ablated.run_dir == tmp_path / "semi-loss.neg_filter-false_s5"
+    assert plan.runs[-1].overrides_text == "loss.neg_filter=false"
+    plain = build_plan(parse_args(["--config", "synthetic", "--seeds", "3", "--out", str(tmp_path)]))
+    assert plain.run_config(plain.runs[0]).data.split_seed == 0          # the split stays without --split-seeds
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--modes", "semi,teacher"], "unknown mode"),
+    (["--seeds", "0,x"], "must be an integer"),
+    (["--seeds", "1,1"], "twice"),
+    (["--set", "train.epoch=2"], "unknown config key"),
+    (["--set", "train.seed=3"], "sets these itself"),
+    (["--ablate", "loss.directional"], "section.key=value"),
+    (["--ablate", "loss.directional=maybe"], "true/false"),
+    (["--jobs", "0"], "must be >= 1"),
+    (["--config", "nope.json"], "neither a preset"),
+])
+def test_bad_arguments_exit_2(held_out_dir, tmp_path, capsys, extra, message):
+    argv = ["--config", "synthetic", "--data-dir", str(held_out_dir), "--out", str(tmp_path / "s"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()                                   # nothing written
+
+
+def test_a_dataset_without_test_split_is_refused(synthetic_data_dir, tmp_path, capsys):
+    assert main(["--config", "synthetic", "--data-dir", str(synthetic_data_dir), "--out", str(tmp_path / "s"),
+                 "--set", "data.n_labeled=6"]) == 2
+    assert "test.txt" in capsys.readouterr().err
+
+
+def _rows(out):
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, {r["run"]: r for r in reader}
+
+
+@pytest.mark.slow
+def test_sweep_writes_rows_skips_them_and_records_a_failure(held_out_dir, tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["--config", "synthetic", "--modes", "supervised,semi", "--seeds", "0,1", "--data-dir",
+            str(held_out_dir), "--out", str(out), "--jobs", "2", *TINY]
+    assert main(argv) == 0
+    columns, rows = _rows(out)
+    assert tuple(columns) == RESULT_COLUMNS
+    assert list(rows) == ["supervised_s0", "supervised_s1", "semi_s0", "semi_s1"]
+    for name, row in rows.items():
+        run_dir = out / name
+        assert row["status"] == "ok" and row["mode"] == name.split("_")[0] and row["seed"] == name[-1]
+        assert 0 <= float(row["test_miou"]) <= 100 and 0 <= float(row["test_miou_final"]) <= 100
+        assert row["best_iter"] == "1" and float(row["train_seconds"]) > 0 and row["log"] == str(run_dir / "sweep.log")
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["train"]["seed"] == int(row["seed"]) and config["train"]["mode"] == row["mode"]
+        test = json.loads((run_dir / "test.json").read_text())
+        assert test["best"]["split"] == "test" and test["best"]["num_images"] == 3 and len(test["final"]["iou"]) == 21
+        assert test["test_miou"] == pytest.approx(float(row["test_miou"]), abs=1e-4)
+        assert "best val mIoU" in (run_dir / "03_training.ipynb").read_text()   # the executed notebook is kept
+    assert "| semi − supervised | 2 |" in (out / "results.md").read_text()
+
+    # the same command again: nothing re-runs
+    stamps = {n: (out / n / "03_training.ipynb").stat().st_mtime_ns for n in rows}
+    tic = time.monotonic()
+    assert main(argv) == 0
+    assert time.monotonic() - tic < 20
+    assert stamps == {n: (out / n / "03_training.ipynb").stat().st_mtime_ns for n in rows}
+    assert _rows(out)[1] == rows
+
+    # an extra row whose runs fail (a per-run time limit too short to train): recorded, exit code non-zero
+    assert main(argv + ["--ablate", "loss.directional=false", "--timeout", "0.5"]) == 1
+    _, after = _rows(out)
+    assert {n: after[n] for n in rows} == rows                               # finished rows untouched
+    for name in ("semi-loss.directional-false_s0", "semi-loss.directional-false_s1"):
+        assert after[name]["status"] == "failed" and after[name]["overrides"] == "loss.directional=false"
+        assert math.isnan(float(after[name]["test_miou"] or "nan"))
+        assert "timed out" in open(after[name]["log"]).read()

@@ -386,8 +386,8 @@ def write_results_md(sweep_dir: "str | Path", level: float = LEVEL) -> Path:
 
 
 def paste_into_readme(results_md: "str | Path", readme: "str | Path") -> Path:
-    """Replace what lies between the README's result markers by ``results.md`` (its title dropped, headings one
-    level deeper), atomically. A README without both markers is an error naming them."""
+    """Replace what lies between the README's result markers by ``results.md`` (its title dropped, its ``##``
+    headings made ``####`` to sit under the README's own section), atomically. A README without both markers is an error naming them."""
     readme = Path(readme)
     text = readme.read_text()
     begin, end = text.find(README_BEGIN), text.find(README_END)
@@ -395,7 +395,7 @@ def paste_into_readme(results_md: "str | Path", readme: "str | Path") -> Path:
         raise ValueError(f"{readme} has no '{README_BEGIN}' ... '{README_END}' block; add both marker lines where "
                          f"the results table belongs")
     body = Path(results_md).read_text().splitlines()
-    body = [("#" + line if line.startswith("## ") else line) for line in body if not line.startswith("# ")]
+    body = [("##" + line if line.startswith("## ") else line) for line in body if not line.startswith("# ")]
     block = README_BEGIN + "\n" + "\n".join(body).strip("\n") + "\n"
     atomic_write_text(readme, text[:begin] + block + text[end:])
     return readme

@@ -346,8 +346,8 @@ def run_sweep(plan: Plan, argv: Sequence[str] = ()) -> int:
                dynamic_ncols=True)
     code = 0
     pool = futures.ThreadPoolExecutor(max_workers=plan.jobs)
+    pending: dict = {}
     try:
-        pending = {}
         for spec in todo:
             pending[pool.submit(runner, spec)] = spec
         while pending:
@@ -363,6 +363,11 @@ def run_sweep(plan: Plan, argv: Sequence[str] = ()) -> int:
         bar.write("[cacnb.sweep] interrupted: stopping the running runs (they checkpoint); finished rows are kept")
         runner.stop()
         pool.shutdown(wait=True, cancel_futures=True)
+        for fut, spec in pending.items():  # runs that finished while we were stopping keep their row
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                row = fut.result()
+                # the children got the SIGINT too: a run that died with it was interrupted, not broken
+                rows[spec.run] = row if row["status"] == "ok" else {**row, "status": "interrupted"}
         for spec in todo:
             if rows[spec.run]["status"] == "pending":
                 rows[spec.run] = {**rows[spec.run], "status": "interrupted"}

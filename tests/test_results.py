@@ -116,12 +116,20 @@ def test_results_markdown_and_readme_paste(sweep_dir, tmp_path):
     pasted = readme.read_text()
     assert "old table" not in pasted and "| semi − supervised | 3 |" in pasted
     assert pasted.startswith("# x\n\nbefore\n") and pasted.endswith(f"{README_END}\nafter\n")
-    assert "\n### Paired differences" in pasted and "# Sweep results" not in pasted
+    assert "\n#### Paired differences" in pasted and "# Sweep results" not in pasted
     paste_into_readme(sweep_dir / "results.md", readme)                      # idempotent
     assert readme.read_text() == pasted
     readme.write_text("no markers\n")
     assert main([str(sweep_dir), "--readme", str(readme)]) == 2
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_the_readme_has_one_results_block():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert text.count(README_BEGIN) == 1 and text.count(README_END) == 1
+    assert text.index(README_BEGIN) < text.index(README_END)
 
 
 def test_plot_seeds_draws_every_seed(sweep_dir):
@@ -132,3 +140,21 @@ def test_plot_seeds_draws_every_seed(sweep_dir):
     ax = fig.axes[0]
     points = sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
     assert points >= 12 and [t.get_text() for t in ax.get_xticklabels()][0] == "supervised"
+
+
+@pytest.mark.slow
+def test_notebook_06_shows_the_tables_and_figures(sweep_dir, tmp_path):
+    from pathlib import Path
+
+    import nbformat
+    import papermill
+
+    source = Path(__file__).resolve().parent.parent / "notebooks" / "06_results.ipynb"
+    assert all(not c.get("outputs") and not c.get("execution_count")
+               for c in nbformat.read(source, 4).cells if c.cell_type == "code")   # committed without outputs
+    out = tmp_path / "06.ipynb"
+    papermill.execute_notebook(str(source), str(out), parameters={"sweep_dir": str(sweep_dir)},
+                               kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    text = out.read_text()
+    assert "semi − supervised" in text and "interval excludes 0" in text and "image/png" in text
+    assert "| bg |" in text

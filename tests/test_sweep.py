@@ -107,3 +107,37 @@ def test_sweep_writes_rows_skips_them_and_records_a_failure(held_out_dir, tmp_pa
         assert after[name]["status"] == "failed" and after[name]["overrides"] == "loss.directional=false"
         assert math.isnan(float(after[name]["test_miou"] or "nan"))
         assert "timed out" in open(after[name]["log"]).read()
+
+
+def test_ctrl_c_keeps_finished_rows(held_out_dir, tmp_path, monkeypatch):
+    """The bookkeeping of an interrupt, without training: seed 0 finishes, Ctrl-C arrives while seed 1 runs."""
+    import cacnb.sweep as sweep
+
+    def fake_run(self, spec):
+        while spec.seed > 0 and not self.stopping:                      # seed 1 runs until the sweep stops it
+            time.sleep(0.01)
+        status = "interrupted" if self.stopping else "ok"
+        return sweep._row(spec, self.plan.out / spec.run, status, test_miou=40.0, test_miou_final=39.0,
+                          best_iter=1, train_seconds=1.0)
+
+    real_wait = sweep.futures.wait
+    calls = []
+
+    def wait_then_interrupt(fs, timeout=None, return_when=None):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        first = next(iter(fs))
+        first.result()
+        return {first}, set(fs) - {first}
+
+    monkeypatch.setattr(sweep.Runner, "__call__", fake_run)
+    monkeypatch.setattr(sweep.futures, "wait", wait_then_interrupt)
+    plan = build_plan(parse_args(["--config", "synthetic", "--modes", "supervised", "--seeds", "0,1,2",
+                                  "--data-dir", str(held_out_dir), "--out", str(tmp_path / "s"), *TINY]))
+    assert sweep.run_sweep(plan) == 130
+    monkeypatch.setattr(sweep.futures, "wait", real_wait)
+    _, rows = _rows(tmp_path / "s")
+    assert rows["supervised_s0"]["status"] == "ok" and rows["supervised_s0"]["test_miou"] == "40.0000"
+    assert rows["supervised_s1"]["status"] == rows["supervised_s2"]["status"] == "interrupted"
+    assert (tmp_path / "s" / "results.md").is_file() and (tmp_path / "s" / "sweep.json").is_file()

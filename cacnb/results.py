@@ -387,7 +387,8 @@ def write_results_md(sweep_dir: "str | Path", level: float = LEVEL) -> Path:
 
 def paste_into_readme(results_md: "str | Path", readme: "str | Path") -> Path:
     """Replace what lies between the README's result markers by ``results.md`` (its title dropped, its ``##``
-    headings made ``####`` to sit under the README's own section), atomically. A README without both markers is an error naming them."""
+    headings made ``####`` to sit under the README's own section), atomically. A README without both markers
+    is an error naming them."""
     readme = Path(readme)
     text = readme.read_text()
     begin, end = text.find(README_BEGIN), text.find(README_END)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -37,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import MODES, PRESETS, Config, ConfigError, atomic_write_text, load_config, parse_overrides
+from .config import (MODES, PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config,
+                     parse_overrides)
 from .paths import resolve
 from .results import write_results_csv, write_results_md
 
@@ -127,6 +129,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if bad:
         raise SweepError(f"--modes: unknown mode(s) {bad}; choose from {list(MODES)}")
     seeds = _parse_list(args.seeds, "seeds", int)
+    if importlib.util.find_spec("papermill") is None:
+        raise SweepError("papermill is not installed; every run is notebook 03 executed by papermill. Install it "
+                         "with `pip install -e '.[notebooks]'` (make install does)")
     if args.jobs < 1 or args.nproc < 1:
         raise SweepError(f"--jobs and --nproc must be >= 1, got --jobs {args.jobs} --nproc {args.nproc}")
     common = _parse_pairs(args.set, "--set")
@@ -161,7 +166,7 @@ def prepare_data(plan: Plan) -> None:
 
     done = set()
     for spec in plan.runs:
-        cfg = plan.run_config(spec)
+        cfg = absolute_paths(plan.run_config(spec))  # as the trainer sees it, whatever our working directory
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
         if key in done:
             continue
@@ -398,7 +403,7 @@ def _now() -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cacnb.sweep", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cacnb.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help=f"a preset ({', '.join(PRESETS)}) or a JSON config")
     p.add_argument("--modes", default="supervised,semi", help=f"comma-separated rows, from {', '.join(MODES)}")

@@ -106,8 +106,8 @@ def test_per_class_iou_averages_over_seeds(sweep_dir):
 
 def test_results_markdown_and_readme_paste(sweep_dir, tmp_path):
     text = results_markdown(sweep_dir)
-    for needle in ("python -m cacnb.sweep --config x", "4 seed(s) planned", "| semi | 3 |", "Student-t", "2 CPU cores", "2.0 min",
-                   "| semi − supervised | 3 | +2.00 |", "not finished: semi_s3", "| bg |"):
+    for needle in ("python -m cacnb.sweep --config x", "4 seed(s) planned", "| semi | 3 |", "Student-t",
+                   "2 CPU cores", "2.0 min", "| semi − supervised | 3 | +2.00 |", "not finished: semi_s3", "| bg |"):
         assert needle in text, needle
     assert main([str(sweep_dir)]) == 0 and (sweep_dir / "results.md").read_text() == text
     readme = tmp_path / "README.md"

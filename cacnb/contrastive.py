@@ -20,12 +20,14 @@ Two ablations switch one rule off each (config keys ``loss.directional`` / ``los
 How the fast path works (:class:`_DirectionalInfoNCE`):
 
 * Only anchors with ``w_i = 1`` contribute to value or gradient. Since ``conf_b > conf_a`` and
-  ``conf_a > conf_b`` exclude each other, at most ``n`` of the ``2n`` anchors of both directions are active;
-  they are stacked into one ``[m, c]`` matrix so each block of negatives costs one matmul for both directions.
+  ``conf_a > conf_b`` exclude each other, at most ``n`` of the ``2n`` anchors of both directions are active
+  (all ``2n`` with ``directional=False``); they are stacked into one ``[m, c]`` matrix so each block of
+  negatives costs one matmul for both directions.
 * Anchors and negatives are sorted by label. Within a block of negatives that all carry class ``c``, the anchors
   the filter excludes are one contiguous range of the sorted anchors, so the filter is two row slices: no mask,
   no wasted products. (Subtracting per-class sums from the full sum instead would cancel catastrophically when
-  most of an anchor's mass sits in its own class; a masked fill costs two extra passes per block.)
+  most of an anchor's mass sits in its own class; a masked fill costs two extra passes per block.) With
+  ``neg_filter=False`` the blocks are plain chunks and every anchor meets every negative.
 * The log-sum-exp is accumulated block by block. With a static shift (an upper bound of every logit from
   Cauchy-Schwarz, used when the logit range cannot underflow fp32) the blocks just add; otherwise a running max
   rescales the accumulators whenever it grows. Either way the sum is exact.

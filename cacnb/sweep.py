@@ -223,8 +223,10 @@ class Runner:
         root = str(NOTEBOOK.parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between side-by-side runs
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (self.plan.jobs * self.plan.nproc)))
+        # share the cores between side-by-side runs (OpenMP spin-waits make oversubscribed tiny convs crawl),
+        # never raising a thread count the caller set
+        share = max(1, (os.cpu_count() or 1) // (self.plan.jobs * self.plan.nproc))
+        env["OMP_NUM_THREADS"] = str(min(share, int(os.environ.get("OMP_NUM_THREADS") or share)))
         return env
 
     def parameters(self, spec: RunSpec) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 
 import pytest
@@ -99,14 +98,20 @@ def test_sweep_writes_rows_skips_them_and_records_a_failure(held_out_dir, tmp_pa
     assert stamps == {n: (out / n / "03_training.ipynb").stat().st_mtime_ns for n in rows}
     assert _rows(out)[1] == rows
 
-    # an extra row whose runs fail (a per-run time limit too short to train): recorded, exit code non-zero
-    assert main(argv + ["--ablate", "loss.directional=false", "--timeout", "0.5"]) == 1
+    # an unfinished run (no test.json) resumes from its last.pt, and an extra row whose runs fail (too few
+    # negatives for the world size, which the trainer refuses at start-up) is recorded with its log; the exit
+    # code is non-zero
+    (out / "semi_s1" / "test.json").unlink()
+    assert main(argv + ["--ablate", "loss.neg_total=1", "--jobs", "3"]) == 1
     _, after = _rows(out)
-    assert {n: after[n] for n in rows} == rows                               # finished rows untouched
-    for name in ("semi-loss.directional-false_s0", "semi-loss.directional-false_s1"):
-        assert after[name]["status"] == "failed" and after[name]["overrides"] == "loss.directional=false"
-        assert math.isnan(float(after[name]["test_miou"] or "nan"))
-        assert "timed out" in open(after[name]["log"]).read()
+    resumed = (out / "semi_s1" / "sweep.log").read_text()
+    assert "resumed from" in resumed and "already complete" in resumed
+    assert {n: after[n] for n in rows if n != "semi_s1"} == {n: rows[n] for n in rows if n != "semi_s1"}
+    assert after["semi_s1"]["status"] == "ok" and after["semi_s1"]["test_miou"] == rows["semi_s1"]["test_miou"]
+    for name in ("semi-loss.neg_total-1_s0", "semi-loss.neg_total-1_s1"):
+        assert after[name]["status"] == "failed" and after[name]["overrides"] == "loss.neg_total=1"
+        assert after[name]["test_miou"] == "" and after[name]["log"] == str(out / name / "sweep.log")
+        assert "loss.neg_total = 1 is too small" in open(after[name]["log"]).read()
 
 
 def test_ctrl_c_keeps_finished_rows(held_out_dir, tmp_path, monkeypatch):

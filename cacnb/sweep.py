@@ -361,7 +361,7 @@ def run_sweep(plan: Plan, argv: Sequence[str] = ()) -> int:
             done, _ = futures.wait(pending, timeout=1.0, return_when=futures.FIRST_COMPLETED)
             for fut in done:
                 spec = pending.pop(fut)
-                rows[spec.run] = fut.result()
+                rows[spec.run] = _result_row(fut, spec, plan.out / spec.run)
                 bar.update(1)
                 bar.write(f"[cacnb.sweep] {spec.run}: {_describe(rows[spec.run])}")
                 save()
@@ -390,6 +390,20 @@ def run_sweep(plan: Plan, argv: Sequence[str] = ()) -> int:
                                                                         for r in failed), file=sys.stderr)
     print(f"[cacnb.sweep] wrote {plan.out / 'results.csv'} and {plan.out / 'results.md'}")
     return code or (EXIT_FAILED if failed else 0)
+
+
+def _result_row(fut: futures.Future, spec: RunSpec, run_dir: Path) -> dict:
+    """The row a run returned; an unexpected error in the sweep's own bookkeeping fails that run, not the sweep."""
+    try:
+        return fut.result()
+    except Exception as e:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "sweep.log", "a") as log:
+                log.write(f"\n[cacnb.sweep] the sweep failed to run this: {type(e).__name__}: {e}\n")
+        except OSError:
+            pass
+        return _row(spec, run_dir, "failed")
 
 
 def _describe(row: dict) -> str:

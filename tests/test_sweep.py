@@ -146,3 +146,20 @@ def test_ctrl_c_keeps_finished_rows(held_out_dir, tmp_path, monkeypatch):
     assert rows["supervised_s0"]["status"] == "ok" and rows["supervised_s0"]["test_miou"] == "40.0000"
     assert rows["supervised_s1"]["status"] == rows["supervised_s2"]["status"] == "interrupted"
     assert (tmp_path / "s" / "results.md").is_file() and (tmp_path / "s" / "sweep.json").is_file()
+
+
+def test_a_broken_run_does_not_stop_the_sweep(held_out_dir, tmp_path, monkeypatch):
+    import cacnb.sweep as sweep
+
+    def fake_run(self, spec):
+        if spec.seed == 0:
+            raise RuntimeError("disk full")
+        return sweep._row(spec, self.plan.out / spec.run, "ok", test_miou=40.0, test_miou_final=39.0)
+
+    monkeypatch.setattr(sweep.Runner, "__call__", fake_run)
+    plan = build_plan(parse_args(["--config", "synthetic", "--modes", "supervised", "--seeds", "0,1",
+                                  "--data-dir", str(held_out_dir), "--out", str(tmp_path / "s"), *TINY]))
+    assert sweep.run_sweep(plan) == 1
+    _, rows = _rows(tmp_path / "s")
+    assert rows["supervised_s0"]["status"] == "failed" and rows["supervised_s1"]["status"] == "ok"
+    assert "disk full" in (tmp_path / "s" / "supervised_s0" / "sweep.log").read_text()

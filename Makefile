@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cacnb-installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: install demo test lab data clean-demo
+.PHONY: install demo test lab data sweep clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install
 ## make test: the whole test suite (non-zero exit on any failure)
 test: install
 	$(BIN)/python -m pytest -q tests
+
+## make sweep: the study of issue 12 (3 seeds x supervised/semi/full), papermill runs of notebook 03 into runs/sweep/
+sweep: install
+	$(BIN)/python -m cacnb.sweep --config synthetic_context --modes supervised,semi,full --seeds 0,1,2 --out runs/sweep
 
 ## make lab: JupyterLab on the notebooks (works as root)
 lab: install

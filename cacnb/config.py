@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 DATASETS = ("synthetic", "voc", "cityscapes")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-MODES = ("semi", "supervised")
+MODES = ("semi", "supervised", "full")  # full: every training image labeled (the upper bound)
 PRECISIONS = ("fp32", "tf32", "bf16")
 EVAL_MODES = ("whole", "slide")
 SYNTHETIC_STYLES = ("context", "objects")  # the scene styles of cacnb.data.synthetic.STYLES
@@ -52,6 +52,7 @@ class DataConfig:
     stride: int = 8                       # feature stride the crop offsets are multiples of
     color_jitter: bool = False            # colour jitter on labeled crops (official: Cityscapes only)
     photometric: bool = True              # per-crop photometric augmentation on pairs
+    context: bool = True                  # false (ablation): both pair crops from one window, no context change
     num_workers: int = 4                  # DataLoader workers per rank
     val_max_images: Optional[int] = None  # evaluate only the first N val images (quick runs)
     synthetic_train: int = 240            # images the synthetic generator writes, when it has to
@@ -82,6 +83,8 @@ class LossConfig:
     paper_n_gpu: Optional[int] = None     # GPUs of the paper's run: keep its negatives total at any world size
     chunk_size: int = 4096                # negatives per chunk of the streaming logsumexp
     precision: str = "fp32"               # fp32 | tf32 | bf16 similarity matmuls (tf32/bf16: CUDA only)
+    directional: bool = True              # false (ablation): no confidence rule, both sides pulled together
+    neg_filter: bool = True               # false (ablation): keep negatives with the anchor's pseudo-label
 
 
 @dataclass
@@ -95,7 +98,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = "semi"                    # semi (CAC) | supervised (labeled-only baseline)
+    mode: str = "semi"                    # semi (CAC) | supervised (labeled-only) | full (all train images labeled)
     epochs: int = 80
     iters_per_epoch: int = 1157
     batch_size: int = 8                   # global labeled batch, split over ranks

@@ -11,15 +11,23 @@ negatives ``n_j`` (features of other positions) and temperature ``T``::
 ``k`` is a stop-gradient target, so ``loss_a`` only pulls the less confident crop a towards crop b; ``loss_b``
 is the same with a and b swapped. Negatives receive no gradient.
 
+Two ablations switch one rule off each (config keys ``loss.directional`` / ``loss.neg_filter``, default on):
+
+* ``directional=False``: ``w_i = 1`` for every position in both directions, so each side is pulled towards the
+  other (its counterpart still a stop-gradient target) whatever the confidences;
+* ``neg_filter=False``: ``M_ij = 1``, negatives carrying the anchor's pseudo-label are kept.
+
 How the fast path works (:class:`_DirectionalInfoNCE`):
 
 * Only anchors with ``w_i = 1`` contribute to value or gradient. Since ``conf_b > conf_a`` and
-  ``conf_a > conf_b`` exclude each other, at most ``n`` of the ``2n`` anchors of both directions are active;
-  they are stacked into one ``[m, c]`` matrix so each block of negatives costs one matmul for both directions.
+  ``conf_a > conf_b`` exclude each other, at most ``n`` of the ``2n`` anchors of both directions are active
+  (all ``2n`` with ``directional=False``); they are stacked into one ``[m, c]`` matrix so each block of
+  negatives costs one matmul for both directions.
 * Anchors and negatives are sorted by label. Within a block of negatives that all carry class ``c``, the anchors
   the filter excludes are one contiguous range of the sorted anchors, so the filter is two row slices: no mask,
   no wasted products. (Subtracting per-class sums from the full sum instead would cancel catastrophically when
-  most of an anchor's mass sits in its own class; a masked fill costs two extra passes per block.)
+  most of an anchor's mass sits in its own class; a masked fill costs two extra passes per block.) With
+  ``neg_filter=False`` the blocks are plain chunks and every anchor meets every negative.
 * The log-sum-exp is accumulated block by block. With a static shift (an upper bound of every logit from
   Cauchy-Schwarz, used when the logit range cannot underflow fp32) the blocks just add; otherwise a running max
   rescales the accumulators whenever it grows. Either way the sum is exact.
@@ -53,8 +61,14 @@ class _Anchors:
     is_b: torch.Tensor       # [m] bool: anchor belongs to direction b
 
 
-def direction_weights(conf_a, conf_b, pos_thresh):
-    """``(w_a, w_b)`` bool ``[n]``: w_a[i] = conf_b[i] > γ and conf_b[i] > conf_a[i]; w_b symmetric."""
+def direction_weights(conf_a, conf_b, pos_thresh, directional=True):
+    """``(w_a, w_b)`` bool ``[n]``: w_a[i] = conf_b[i] > γ and conf_b[i] > conf_a[i]; w_b symmetric.
+
+    ``directional=False`` (the ablation ``loss.directional=false``): every position is active in both directions.
+    """
+    if not directional:
+        every = torch.ones_like(conf_a, dtype=torch.bool)
+        return every, every.clone()
     w_a = (conf_b > pos_thresh) & (conf_b > conf_a)
     w_b = (conf_a > pos_thresh) & (conf_a > conf_b)
     return w_a, w_b
@@ -79,9 +93,14 @@ def _work_dtype(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _label_blocks(neg_label_sorted, anchor_label, chunk_size):
+def _label_blocks(neg_label_sorted, anchor_label, chunk_size, neg_filter=True):
     """Yield ``(n0, n1, exclude0, exclude1)``: negatives ``[n0, n1)`` all share one label, and the anchors
-    ``[exclude0, exclude1)`` carry that label (so the false-negative filter removes exactly that pair block)."""
+    ``[exclude0, exclude1)`` carry that label (so the false-negative filter removes exactly that pair block).
+    Without ``neg_filter`` the blocks are plain chunks and no anchor is excluded (``exclude0 = exclude1 = 0``)."""
+    if not neg_filter:
+        for n0 in range(0, len(neg_label_sorted), chunk_size):
+            yield n0, min(n0 + chunk_size, len(neg_label_sorted)), 0, 0
+        return
     values, counts = torch.unique_consecutive(neg_label_sorted, return_counts=True)
     lo = torch.searchsorted(anchor_label, values, right=False).tolist()
     hi = torch.searchsorted(anchor_label, values, right=True).tolist()
@@ -187,7 +206,7 @@ def _sorted_negatives(neg_feat, neg_label, dtype):
     return negs_aug, neg_label[order]
 
 
-def _stream(anchors, neg_feat, neg_label, chunk_size, stabilizer, precision):
+def _stream(anchors, neg_feat, neg_label, chunk_size, stabilizer, precision, neg_filter=True):
     """Run the block loop; return the accumulators."""
     negs_aug, neg_label = _sorted_negatives(neg_feat, neg_label, anchors.q.dtype)
     neg_norm_max = negs_aug[:, :-1].norm(dim=1).max().item() if len(negs_aug) else 0.0
@@ -195,7 +214,7 @@ def _stream(anchors, neg_feat, neg_label, chunk_size, stabilizer, precision):
     mm_dtype = torch.bfloat16 if precision == "bf16" else anchors.q.dtype
     m = len(anchors.pos)
     with _matmul_precision(precision, negs_aug.device):
-        for n0, n1, a0, a1 in _label_blocks(neg_label, anchors.label, chunk_size):
+        for n0, n1, a0, a1 in _label_blocks(neg_label, anchors.label, chunk_size, neg_filter):
             block = negs_aug[n0:n1]
             accu.update(0, a0, block, mm_dtype)   # anchors with a smaller label
             accu.update(a1, m, block, mm_dtype)   # anchors with a larger label
@@ -215,10 +234,10 @@ class _DirectionalInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label, opts):
         temperature = opts["temperature"]
-        w_a, w_b = direction_weights(conf_a, conf_b, opts["pos_thresh"])
+        w_a, w_b = direction_weights(conf_a, conf_b, opts["pos_thresh"], opts["directional"])
         anchors = _active_anchors(feat_a, feat_b, label_a, label_b, w_a, w_b, 1.0 / temperature)
         accu = _stream(anchors, neg_feat.to(feat_a.device), neg_label.to(feat_a.device), opts["chunk_size"],
-                       opts["stabilizer"], opts["precision"])
+                       opts["stabilizer"], opts["precision"], opts["neg_filter"])
         per_anchor = accu.per_anchor_loss(anchors)                        # [m] l_i
         n_a, n_b = int(w_a.sum()), int(w_b.sum())
         loss_a, loss_b = _direction_means(anchors, per_anchor, n_a, n_b)
@@ -250,7 +269,7 @@ def _anchor_grads(anchors, accu, feat_a, n_a, n_b, temperature):
 
 def directional_contrastive_loss(feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label,
                                  temperature=0.1, pos_thresh=0.75, *, chunk_size=4096, precision="fp32",
-                                 stabilizer="auto"):
+                                 stabilizer="auto", directional=True, neg_filter=True):
     """CAC's directional contrastive loss for both directions: ``(loss_a, loss_b)``.
 
     ``feat_*`` ``[n, c]`` L2-normalised features of the same overlap positions in crops a and b, ``conf_*``
@@ -268,7 +287,8 @@ def directional_contrastive_loss(feat_a, feat_b, conf_a, conf_b, label_a, label_
     Options: ``chunk_size`` negatives per block (memory is ``O(n × chunk_size)``); ``precision`` "fp32"
     (default, exact), "tf32" (TF32 matmuls on CUDA, fp32 elsewhere) or "bf16" (bf16 matmul inputs, fp32
     sums); ``stabilizer`` "auto" (static Cauchy-Schwarz shift when the logit range is safe, else running max),
-    "bound" or "running".
+    "bound" or "running". Ablations (module docstring): ``directional=False`` drops the confidence rule,
+    ``neg_filter=False`` keeps same-label negatives.
     """
     _check_inputs(feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label)
     if precision not in PRECISIONS:
@@ -278,7 +298,8 @@ def directional_contrastive_loss(feat_a, feat_b, conf_a, conf_b, label_a, label_
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size} (config key loss.chunk_size)")
     opts = dict(temperature=float(temperature), pos_thresh=float(pos_thresh), chunk_size=int(chunk_size),
-                precision=precision, stabilizer=stabilizer)
+                precision=precision, stabilizer=stabilizer, directional=bool(directional),
+                neg_filter=bool(neg_filter))
     # autocast would silently run the fp32 matmuls in low precision; `precision` is the explicit switch
     with torch.autocast(device_type=feat_a.device.type, enabled=False):
         return _DirectionalInfoNCE.apply(feat_a, feat_b, conf_a.detach(), conf_b.detach(), label_a, label_b,
@@ -298,18 +319,20 @@ def _check_inputs(feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, ne
 
 
 def directional_contrastive_loss_reference(feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat,
-                                           neg_label, temperature=0.1, pos_thresh=0.75):
+                                           neg_label, temperature=0.1, pos_thresh=0.75, *, directional=True,
+                                           neg_filter=True):
     """The plain formula with the whole ``[n, N]`` similarity matrix (for tests, benchmarks, the notebook)."""
-    w_a, w_b = direction_weights(conf_a, conf_b, pos_thresh)
-    loss_a = _plain_direction(feat_a, feat_b, label_a, w_a, neg_feat, neg_label, temperature)
-    loss_b = _plain_direction(feat_b, feat_a, label_b, w_b, neg_feat, neg_label, temperature)
+    w_a, w_b = direction_weights(conf_a, conf_b, pos_thresh, directional)
+    loss_a = _plain_direction(feat_a, feat_b, label_a, w_a, neg_feat, neg_label, temperature, neg_filter)
+    loss_b = _plain_direction(feat_b, feat_a, label_b, w_b, neg_feat, neg_label, temperature, neg_filter)
     return loss_a, loss_b
 
 
-def _plain_direction(q, k, label, w, neg_feat, neg_label, temperature):
+def _plain_direction(q, k, label, w, neg_feat, neg_label, temperature, neg_filter=True):
     pos = (q * k.detach()).sum(1, keepdim=True) / temperature            # [n, 1]
     neg = q @ neg_feat.detach().T / temperature                            # [n, N]
-    neg = neg.masked_fill(label[:, None] == neg_label[None, :], -math.inf)
+    if neg_filter:
+        neg = neg.masked_fill(label[:, None] == neg_label[None, :], -math.inf)
     per_anchor = torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]  # l_i
     w = w.to(per_anchor.dtype)
     return (w * per_anchor).sum() / w.sum().clamp(min=1.0)

@@ -228,9 +228,13 @@ def result_to_json(result: dict, class_names: Optional[Sequence[str]] = None, **
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cacnb.evaluate",
-                                description="Evaluate a cacnb or official CAC checkpoint on the val split.")
+                                description="Evaluate a cacnb or official CAC checkpoint on the val (or test) "
+                                            "split.")
     p.add_argument("--config", default="synthetic", help="preset name or JSON file (ours or official CAC)")
     p.add_argument("--checkpoint", required=True, help="checkpoint path (cacnb best.pt/last.pt or official)")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val (checkpoint selection) or test (reporting only; needs ImageSets/Segmentation/test.txt "
+                        "or data.split_dir/test.txt)")
     p.add_argument("--mode", choices=MODES, default=None, help="default: the config's train.eval_mode")
     p.add_argument("--crop", type=int, default=None, help="sliding-window size (default: data.crop_size)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: 2/3 of the crop)")
@@ -240,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. data.split_dir=lists")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N val images")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -257,15 +261,15 @@ def load_eval_config(source, overrides: Iterable[str] = (), data_dir: Optional[s
     return cfg
 
 
-def build_val(cfg):
-    """``cacnb.data.build_val_dataset`` with a hint when the val list or dataset is missing."""
-    from cacnb.data import build_val_dataset
+def build_val(cfg, split: str = "val"):
+    """``cacnb.data.build_eval_dataset`` (val or test) with a hint when the list or dataset is missing."""
+    from cacnb.data import build_eval_dataset
 
     try:
-        return build_val_dataset(cfg.data)
+        return build_eval_dataset(cfg.data, split)
     except FileNotFoundError as e:
         raise FileNotFoundError(
-            f"{e}\nThe val split for dataset {cfg.data.dataset!r} under data.data_dir={cfg.data.data_dir!r} "
+            f"{e}\nThe {split} split for dataset {cfg.data.dataset!r} under data.data_dir={cfg.data.data_dir!r} "
             f"(split_dir={cfg.data.split_dir!r}) could not be found. Point --data-dir / --set data.data_dir=... at "
             f"the dataset, or data.split_dir at a folder holding val.txt (notebook 00 sets the data up).") from e
 
@@ -394,21 +398,22 @@ def model_from_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None,
 def evaluate_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None, mode: str = "whole",
                         crop_size: Optional[int] = None, slide_stride: Optional[int] = None,
                         scales: Sequence[float] = (1.0,), flip: bool = False, max_images: Optional[int] = None,
-                        overrides: Iterable[str] = (), progress: bool = True, device=None) -> dict:
-    """Evaluate a checkpoint on the val split of ``config`` (notebook 04's one call). Returns the
-    :func:`evaluate` dict plus ``cfg``, ``checkpoint`` and ``class_names``. ``device``: default CUDA if there is
-    one, else CPU."""
+                        overrides: Iterable[str] = (), progress: bool = True, device=None,
+                        split: str = "val") -> dict:
+    """Evaluate a checkpoint on the ``split`` ("val", or "test" where the dataset has one) of ``config``
+    (notebook 04's one call). Returns the :func:`evaluate` dict plus ``cfg``, ``checkpoint``, ``class_names``
+    and ``split``. ``device``: default CUDA if there is one, else CPU."""
     from cacnb.data.palette import class_names
 
     model, cfg, path = model_from_checkpoint(config, checkpoint, data_dir=data_dir, overrides=overrides,
                                              device=device)
-    dataset = build_val(cfg)
+    dataset = build_val(cfg, split)
     if mode == "slide" and crop_size is None:
         crop_size = cfg.data.crop_size
     result = evaluate(model, dataset, cfg.data.num_classes, mode=mode, crop_size=crop_size,
                       slide_stride=slide_stride, scales=scales, flip=flip, ignore_index=cfg.data.ignore_index,
                       max_images=max_images, progress=progress)
-    result.update(cfg=cfg, checkpoint=path, class_names=list(class_names(cfg.data.dataset)))
+    result.update(cfg=cfg, checkpoint=path, class_names=list(class_names(cfg.data.dataset)), split=split)
     return result
 
 
@@ -423,6 +428,8 @@ def run_summary(run_dir, config, **evaluate_kwargs) -> Optional[dict]:
         result = evaluate_checkpoint(config, ckpt, **evaluate_kwargs)
         return {"miou": result["miou"], "iou": result["iou"], "pixel_acc": result["pixel_acc"],
                 "source": f"evaluated {ckpt}"}
+    if evaluate_kwargs.get("split", "val") != "val":
+        return None  # metrics.jsonl only holds val numbers
     if (resolve(run_dir) / "metrics.jsonl").is_file():
         best = best_val(resolve(run_dir))
         if best is not None:
@@ -440,7 +447,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         cfg = load_eval_config(args.config, args.overrides, args.data_dir)
         from cacnb.data.palette import class_names
 
-        dataset = build_val(cfg)
+        dataset = build_val(cfg, args.split)
         model = load_for_eval(cfg, args.checkpoint, device)
         mode = args.mode or cfg.train.eval_mode
         crop = args.crop or (cfg.data.crop_size if mode == "slide" else None)
@@ -450,14 +457,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                           progress=not args.no_progress)
         names = class_names(cfg.data.dataset)
         if dist.is_main():
-            print(f"{cfg.name}: {args.checkpoint} on {result['num_images']} val images "
+            print(f"{cfg.name}: {args.checkpoint} on {result['num_images']} {args.split} images "
                   f"(mode={mode}, scales={list(args.scales)}, flip={args.flip}, world={dist.get_world_size()})")
             print(format_table(result, names))
             if args.out:
                 from cacnb.config import atomic_write_text
 
                 payload = result_to_json(result, names, config=cfg.name, checkpoint=str(args.checkpoint),
-                                         mode=mode, crop_size=crop, slide_stride=args.stride,
+                                         split=args.split, mode=mode, crop_size=crop, slide_stride=args.stride,
                                          scales=list(args.scales), flip=args.flip)
                 atomic_write_text(Path(args.out), json.dumps(payload, indent=2) + "\n")
                 print(f"wrote {args.out}")

@@ -238,13 +238,16 @@ def _negatives(crops, world_size, bank, loss_cfg, generator):
     return bank.push(feat, label)
 
 
-def _neg_kept_mean(anchor_labels, neg_label):
-    """Mean over ``anchor_labels`` of the negatives the same-label filter keeps (0.0 for no anchor).
+def _neg_kept_mean(anchor_labels, neg_label, neg_filter=True):
+    """Mean over ``anchor_labels`` of the negatives the same-label filter keeps (0.0 for no anchor; all of them
+    without the filter).
 
     Pass only the anchors that enter the loss: the others would skew the statistic towards unlabelled areas.
     """
     if len(anchor_labels) == 0:
         return 0.0
+    if not neg_filter:
+        return float(len(neg_label))
     size = int(max(anchor_labels.max(), neg_label.max() if len(neg_label) else 0)) + 1
     per_class = torch.bincount(neg_label, minlength=size)
     return float((len(neg_label) - per_class[anchor_labels]).float().mean())
@@ -268,14 +271,15 @@ def cac_unsup_loss(crop_a: dict, crop_b: dict, overlap, flip, bank: FeatureBank,
     loss_a, loss_b = directional_contrastive_loss(
         feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label,
         temperature=loss_cfg.temperature, pos_thresh=loss_cfg.pos_thresh,
-        chunk_size=loss_cfg.chunk_size, precision=loss_cfg.precision)
-    w_a, w_b = direction_weights(conf_a, conf_b, loss_cfg.pos_thresh)
+        chunk_size=loss_cfg.chunk_size, precision=loss_cfg.precision,
+        directional=loss_cfg.directional, neg_filter=loss_cfg.neg_filter)
+    w_a, w_b = direction_weights(conf_a, conf_b, loss_cfg.pos_thresh, loss_cfg.directional)
     stats = {
         "loss_a": float(loss_a.detach()), "loss_b": float(loss_b.detach()),
         "n_overlap": float(len(feat_a)),
         "frac_pos_a": float(w_a.float().mean()) if len(w_a) else 0.0,
         "frac_pos_b": float(w_b.float().mean()) if len(w_b) else 0.0,
-        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a[w_a], label_b[w_b]]), neg_label),
+        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a[w_a], label_b[w_b]]), neg_label, loss_cfg.neg_filter),
         "n_neg": float(len(neg_label)),
     }
     return loss_cfg.weight_unsup * (loss_a + loss_b), stats

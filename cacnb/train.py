@@ -90,7 +90,7 @@ class Trainer:
             ensure_dataset(self.cfg)
             resolve_splits(data)
         dist.barrier()
-        self.labeled = build_labeled_dataset(data)
+        self.labeled = build_labeled_dataset(data, all_train=self.cfg.train.mode == "full")
         self.pairs = build_pair_dataset(data) if self.semi else None
         self.val = build_val_dataset(data) if self.cfg.train.val_every else None
 

@@ -107,6 +107,18 @@ def sample_pair_windows(height: int, width: int, crop: int, stride: int = 8,
     return PairWindows(offset_a, offset_a, boxes[0], boxes[1], True)
 
 
+def same_window(height: int, width: int, crop: int, stride: int = 8,
+                generator: Optional[torch.Generator] = None) -> PairWindows:
+    """Both crops from one uniformly drawn window (IoU 1, same offset): the "no context" ablation
+    (``data.context=false``), where the two views differ only by their flips and photometric augmentation."""
+    if min(height, width) < stride:
+        raise ValueError(f"image {height}x{width} is smaller than one stride cell ({stride}); rescale it first")
+    offset = (_randint(0, max(height, crop) - crop, generator), _randint(0, max(width, crop) - crop, generator))
+    boxes = overlap_boxes(height, width, offset, offset, crop, stride)
+    assert boxes is not None  # guaranteed by height, width >= stride
+    return PairWindows(offset, offset, boxes[0], boxes[1], False)
+
+
 class PairDataset(Dataset):
     """Unlabeled images as overlapping crop pairs (the ARCHITECTURE ``PairDataset`` contract).
 
@@ -119,7 +131,7 @@ class PairDataset(Dataset):
     def __init__(self, files: SegFiles, *, crop_size: int = 320, base_size: int = 400,
                  scale_range: Sequence[float] = (0.8, 2.0), stride: int = 8,
                  iou_bound: Sequence[float] = (0.1, 1.0), photometric: bool = True, ignore_index: int = 255,
-                 max_tries: int = MAX_PAIR_TRIES):
+                 max_tries: int = MAX_PAIR_TRIES, context: bool = True):
         if crop_size % stride:
             raise ValueError(f"crop_size {crop_size} must be a multiple of stride {stride}")
         self.files = files
@@ -131,6 +143,7 @@ class PairDataset(Dataset):
         self.photometric = photometric
         self.ignore_index = ignore_index
         self.max_tries = max_tries
+        self.context = context  # False: both crops from the same window (data.context ablation)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -148,7 +161,8 @@ class PairDataset(Dataset):
         image, mask = T.as_tv(image, mask)
         long_side = T.random_long_side(self.base_size, self.scale_range)
         h, w = T.scaled_size(*image.shape[-2:], long_side, min_side=self.stride)
-        win = sample_pair_windows(h, w, crop, self.stride, self.iou_bound, self.max_tries)
+        win = (sample_pair_windows(h, w, crop, self.stride, self.iou_bound, self.max_tries) if self.context
+               else same_window(h, w, crop, self.stride))
         image, mask = T.resize_pair(image, mask, (h, w))
         image, mask = T.pad_pair(image, mask, crop, self.ignore_index)
         out_image = torch.empty(2, 3, crop, crop)  # [2, 3, S, S]

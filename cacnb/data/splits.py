@@ -31,6 +31,8 @@ Pair = tuple[str, str]  # (image path, label path), relative to the dataset root
 
 VOC_TRAIN_LIST = "ImageSets/Segmentation/train_aug.txt"
 VOC_VAL_LIST = "ImageSets/Segmentation/val.txt"
+VOC_TEST_LIST = "ImageSets/Segmentation/test.txt"  # optional: a held-out test split (reporting only)
+EVAL_SPLITS = ("val", "test")
 SPLITS_SUBDIR = "cacnb_splits"
 
 
@@ -202,9 +204,23 @@ def voc_train_ids(root: Path) -> list[str]:
     labels = root / "SegmentationClassAug"
     if not labels.is_dir():
         raise DatasetError(with_readme(f"neither {path} nor {labels}/ exists, so there is no training list"))
-    val = set(voc_val_ids(root))
+    held_out = set(voc_val_ids(root)) | (set(_read_ids(root / VOC_TEST_LIST)) if voc_has_test(root) else set())
     return sorted(p.stem for p in labels.glob("*.png")
-                  if p.stem not in val and (root / "JPEGImages" / f"{p.stem}.jpg").is_file())
+                  if p.stem not in held_out and (root / "JPEGImages" / f"{p.stem}.jpg").is_file())
+
+
+def voc_has_test(root: Path) -> bool:
+    return (root / VOC_TEST_LIST).is_file()
+
+
+def voc_test_ids(root: Path) -> list[str]:
+    """The ids of the optional ``test.txt``, read exactly as ``val.txt``."""
+    path = root / VOC_TEST_LIST
+    if not path.is_file():
+        raise DatasetError(with_readme(f"{path} is missing, so this dataset has no test split. The synthetic "
+                                       f"generators write one; for VOC, evaluate on val (--split val) or list "
+                                       f"held-out ids there, one per line as in val.txt."))
+    return _read_ids(path)
 
 
 def cityscapes_pairs(root: Path, subset: str) -> list[Pair]:
@@ -227,12 +243,39 @@ def val_pairs(data_cfg) -> list[Pair]:
     return _subset_pairs(data_cfg, "val")
 
 
+def test_pairs(data_cfg) -> list[Pair]:
+    return _subset_pairs(data_cfg, "test")
+
+
 def _subset_pairs(data_cfg, subset: str) -> list[Pair]:
     cfg = _data_cfg(data_cfg)
     root = dataset_root(cfg)
     if _kind(cfg.dataset) == "cityscapes":
+        if subset == "test":  # the official test labels are withheld (all ignore)
+            raise DatasetError(with_readme("Cityscapes test labels are not public: evaluate on val, or put a "
+                                           "test.txt list of labelled images into data.split_dir"))
         return cityscapes_pairs(root, subset)
-    return voc_pairs(voc_train_ids(root) if subset == "train" else voc_val_ids(root))
+    ids = {"train": voc_train_ids, "val": voc_val_ids, "test": voc_test_ids}[subset](root)
+    return voc_pairs(ids)
+
+
+def eval_split_file(data_cfg, split: str = "val") -> Path:
+    """The list file of an evaluation split: ``val`` (selection) or ``test`` (reporting only).
+
+    ``val`` is :func:`resolve_splits`'s. ``test`` is ``<data.split_dir>/test.txt`` when that exists, else the
+    dataset's own ``ImageSets/Segmentation/test.txt`` copied (once) into the generated split folder.
+    """
+    if split not in EVAL_SPLITS:
+        raise DatasetError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
+    cfg = _data_cfg(data_cfg)
+    if split == "val":
+        return resolve_splits(cfg).val
+    if cfg.split_dir and (resolve(cfg.split_dir) / "test.txt").is_file():
+        return resolve(cfg.split_dir) / "test.txt"
+    path = generated_split_dir(cfg) / "test.txt"
+    if not path.is_file():
+        _write_generated(path, test_pairs(cfg))
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The optional test split: read like val, kept out of training, evaluated through the API and the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cacnb.config import load_config
+from cacnb.data import build_eval_dataset
+from cacnb.data.errors import DatasetError
+from cacnb.data.splits import eval_split_file, read_split, resolve_splits, voc_train_ids
+from cacnb.evaluate import evaluate_checkpoint, main as evaluate_main
+from cacnb.model import build_model
+
+from conftest import save_model_checkpoint
+from held_out import with_test_split
+
+
+@pytest.fixture(scope="module")
+def held_out_dir(synthetic_data_dir, tmp_path_factory):
+    return with_test_split(synthetic_data_dir, tmp_path_factory.mktemp("held_out"), n_test=4)
+
+
+def _ids(pairs):
+    return {p[0] for p in pairs}
+
+
+def test_test_split_is_read_like_val_and_disjoint(held_out_dir):
+    cfg = load_config("synthetic", [f"data.data_dir={held_out_dir}", "data.n_labeled=6"])
+    test = build_eval_dataset(cfg.data, "test")
+    val = build_eval_dataset(cfg.data, "val")
+    assert len(test) == 4 and len(val) == 6
+    assert eval_split_file(cfg.data, "test").parent == eval_split_file(cfg.data, "val").parent
+    files = resolve_splits(cfg.data)
+    train = _ids(read_split(files.labeled)) | _ids(read_split(files.unlabeled))
+    assert not (_ids(test.files.pairs) & train) and not (_ids(test.files.pairs) & _ids(val.files.pairs))
+    item = test[0]
+    assert item["image"].shape[-2:] == item["label"].shape          # whole images, as val
+
+
+def test_train_ids_exclude_test_ids_without_a_train_list(held_out_dir, tmp_path):
+    root = held_out_dir / "VOCdevkit" / "VOC2012"
+    test_ids = set((root / "ImageSets/Segmentation/test.txt").read_text().split())
+    (root / "ImageSets/Segmentation/train_aug.txt").rename(tmp_path / "train_aug.txt")
+    try:
+        assert not test_ids & set(voc_train_ids(root)) and len(voc_train_ids(root)) == 20
+    finally:
+        (tmp_path / "train_aug.txt").rename(root / "ImageSets/Segmentation/train_aug.txt")
+
+
+def test_missing_test_list_is_explained(synthetic_data_dir):
+    cfg = load_config("synthetic", [f"data.data_dir={synthetic_data_dir}", "data.n_labeled=6"])
+    with pytest.raises(DatasetError, match="test.txt"):
+        build_eval_dataset(cfg.data, "test")
+    with pytest.raises(DatasetError, match="split must be one of"):
+        eval_split_file(cfg.data, "train")
+
+
+def test_evaluate_api_and_cli_on_test(held_out_dir, tmp_path, capsys, one_thread):
+    cfg = load_config("synthetic", [f"data.data_dir={held_out_dir}", "data.n_labeled=6"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ckpt = save_model_checkpoint(model, tmp_path / "m.pt", cfg)
+    on_test = evaluate_checkpoint("synthetic", ckpt, data_dir=str(held_out_dir), split="test", progress=False,
+                                  device="cpu")
+    on_val = evaluate_checkpoint("synthetic", ckpt, data_dir=str(held_out_dir), progress=False, device="cpu",
+                                 overrides=["data.n_labeled=6"])
+    assert on_test["num_images"] == 4 and on_val["num_images"] == 6 and on_test["split"] == "test"
+    out = tmp_path / "test.json"
+    assert evaluate_main(["--config", "synthetic", "--checkpoint", str(ckpt), "--data-dir", str(held_out_dir),
+                          "--split", "test", "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["split"] == "test" and saved["num_images"] == 4
+    assert saved["miou"] == pytest.approx(on_test["miou"])
+    assert "4 test images" in capsys.readouterr().out
+    assert evaluate_main(["--config", "synthetic", "--checkpoint", str(ckpt), "--split", "test",
+                          "--data-dir", str(tmp_path / "nowhere")]) == 2

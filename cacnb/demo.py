@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .config import load_config
+from .notebook import execute
 from .paths import project_root
 from .runlog import best_val
 
@@ -49,8 +50,6 @@ def notebook_parameters(notebook: Path, out: str) -> dict:
 
 
 def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> list[Path]:
-    import papermill
-
     root = project_root(Path(__file__).resolve().parent) or Path.cwd()
     out_dir = root / out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,8 +64,7 @@ def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> li
         params = notebook_parameters(nb, out)
         print(f"[demo] {nb.name} {params}", flush=True)
         tic = time.perf_counter()
-        papermill.execute_notebook(str(nb), str(target), parameters=params, kernel_name="python3",
-                                   cwd=str(root / "notebooks"), progress_bar=False)
+        execute(nb, target, params, cwd=root / "notebooks")
         print(f"[demo] {nb.name} done in {time.perf_counter() - tic:.0f} s -> {target}", flush=True)
         done.append(target)
     return done

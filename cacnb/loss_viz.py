@@ -180,7 +180,7 @@ def plot_direction_rule(terms: PairTerms, pos_thresh: Optional[float] = None):
     yy, xx = np.nonzero(grid)
     ax2.quiver(xx, yy, grid[yy, xx], np.zeros_like(xx), pivot="middle", scale=30, width=0.004)
     ax2.set_title(f"overlap grid ({style.view(0)}, unflipped): arrow right = {style.pull(0)},\n"
-                  f"left = {style.pull(1)}")
+                  f"left = {style.pull(1)}", fontsize=10)
     ax2.set_xticks([])
     ax2.set_yticks([])
     return style.finish(fig)

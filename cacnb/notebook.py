@@ -7,6 +7,7 @@
 - :func:`run_dir` derives a run directory from the config exactly as training does (``Config.run_dir``).
 - :func:`describe_model` says whether a figure's model is trained, barely trained or random, and stamps that on
   the figures (:func:`cacnb.style.set_caveat`).
+- :func:`execute` runs a notebook under papermill the way ``make demo`` does, without kernel log noise.
 """
 from __future__ import annotations
 
@@ -202,3 +203,22 @@ def describe_model(loaded: "str | os.PathLike | None", searched: "str | os.PathL
             f"Loaded `{loaded}`; train longer for figures that show what CAC learns.")
     display(Markdown(f"**Note: {note}{where}.** {todo}"))
     return note
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running notebooks headless
+
+# jupyter_client interrupts a kernel before shutting it down, which ipykernel logs as "ERROR | KeyboardInterrupt
+# caught in kernel" after every clean run (and warns about its local TCP transport at start). Those are the
+# kernel's own log lines, not the notebook's: a failing cell still raises PapermillExecutionError.
+QUIET_KERNEL = ["--IPKernelApp.log_level=CRITICAL"]
+
+
+def execute(notebook: "str | os.PathLike", target: "str | os.PathLike", parameters: Optional[Mapping] = None,
+            cwd: "str | os.PathLike | None" = None, **kwargs):
+    """``papermill.execute_notebook`` with the python3 kernel, no progress bar and a quiet kernel log."""
+    import papermill  # lazy: only headless runs (demo, sweep, tests) need papermill
+
+    return papermill.execute_notebook(str(notebook), str(target), parameters=dict(parameters or {}),
+                                      kernel_name="python3", cwd=None if cwd is None else str(cwd),
+                                      progress_bar=False, extra_arguments=QUIET_KERNEL, **kwargs)

@@ -351,3 +351,21 @@ def test_tensorboard_is_off_by_default_and_mirrors_metrics(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the extra is not installed
     with pytest.raises(ConfigError, match=r"pip install 'cacnb\[tensorboard\]'"):
         ScalarWriter(tmp_path, enabled=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 8: a failing worker's own error reaches notebook 03
+
+
+@pytest.mark.slow
+def test_notebook_03_shows_the_workers_error(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    params = {"config": "voc_r50_1323", "data_dir": str(tmp_path / "missing_voc"), "out_dir": str(tmp_path),
+              "overrides": {"model.pretrained": None}, "timeout": 120}
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        nb.execute(NOTEBOOKS / "03_training.ipynb", tmp_path / "out.ipynb", params, cwd=tmp_path)
+    assert err.value.ename == "LaunchError" and "exited with code 2" in err.value.evalue
+    assert "missing_voc" in err.value.evalue                 # the worker's own message, not just "it failed"
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    shown = "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+    assert "cacnb.train: error:" in shown                    # streamed into the cell as it happened

@@ -20,7 +20,6 @@ inline backend shows it once).
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -180,8 +179,8 @@ def plot_similarity(item: Mapping, outputs: Sequence[Mapping], y: int, x: int, a
     of every position to it on the fixed range [-1, 1] (so queries and models compare by colour), and the
     counterpart cell circled when the query lies in the overlap."""
     plt = _plt()
-    fig = None
-    if axes is None:
+    fig, own = None, axes is None
+    if own:
         fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), layout="constrained")
     fig = fig or axes[0].figure
     feats_a, feats_b = outputs[0][key], outputs[1][key]
@@ -211,7 +210,7 @@ def plot_similarity(item: Mapping, outputs: Sequence[Mapping], y: int, x: int, a
     for ax in axes:
         _off(ax)
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label="cosine similarity")
-    return style.finish(fig)
+    return style.finish(fig) if own else fig  # a caller's figure is finished by its caller
 
 
 def default_queries(item: Mapping, grid_hw: tuple[int, int], n: int = 3) -> list[tuple[int, int]]:
@@ -235,7 +234,7 @@ def similarity_grid(item: Mapping, outputs: Sequence[Mapping], points: Optional[
     fig, axes = plt.subplots(len(points), 2, figsize=(12, 5.4 * len(points)), squeeze=False, layout="constrained")
     for row, (y, x) in zip(axes, points):
         plot_similarity(item, outputs, int(y), int(x), axes=row)
-    return fig
+    return style.finish(fig)
 
 
 def widgets_available() -> bool:
@@ -467,7 +466,7 @@ def plot_iou_bars(iou: Sequence[float], class_names: Optional[Sequence[str]] = N
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title or "per-class IoU")
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 def plot_confusion(cm, class_names: Optional[Sequence[str]] = None, ax=None, title: Optional[str] = None):
@@ -494,7 +493,7 @@ def plot_confusion(cm, class_names: Optional[Sequence[str]] = None, ax=None, tit
     ax.set_title(title or "confusion, row-normalised (grey: class absent from the ground truth)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 def plot_compare(results: Mapping[str, Sequence[float]], class_names: Optional[Sequence[str]] = None,
@@ -519,7 +518,7 @@ def plot_compare(results: Mapping[str, Sequence[float]], class_names: Optional[S
     ax.legend(fontsize=8)
     ax.set_title(title or "per-class IoU, side by side")
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -73,15 +73,20 @@ def unknown_parameters(declared: list[str], injected: list[str]) -> list[str]:
 
 
 def _injected_and_declared(history: list[str]) -> Optional[tuple[list[str], list[str]]]:
-    """From the kernel's input history: the names papermill injected and those of the parameters cell.
+    """From the kernel's input history: the names papermill injected, and those assigned before them.
 
-    papermill inserts its cell right after the cell tagged ``parameters`` and both run in order, so the entry
-    before the injected one is the parameters cell. Nothing injected (JupyterLab, a run without ``-p``): None.
+    papermill runs the notebook from the top and inserts its cell right after the cell tagged ``parameters``, so
+    what ran before the injected cell is the parameters cell (and any cell above it). Taking every earlier
+    cell, not only the last, keeps a JupyterLab user who re-runs cells of an executed notebook out of order
+    from a false alarm. Nothing injected (JupyterLab, a papermill run without ``-p``): None.
     """
     for i in range(len(history) - 1, 0, -1):
-        source = history[i]
-        if source.splitlines()[:1] == [PAPERMILL_HEADER]:
-            return assigned_names(source), assigned_names(history[i - 1])
+        if history[i].splitlines()[:1] == [PAPERMILL_HEADER]:
+            declared: list[str] = []
+            for source in history[1:i]:
+                if source.splitlines()[:1] != [PAPERMILL_HEADER]:
+                    declared += [n for n in assigned_names(source) if n not in declared]
+            return assigned_names(history[i]), declared
     return None
 
 

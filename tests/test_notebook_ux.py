@@ -53,6 +53,13 @@ def test_a_misspelt_injected_name_is_refused_with_the_closest_valid_one():
         nb.check_parameters(shell)
 
 
+def test_rerunning_an_executed_notebook_out_of_order_is_no_false_alarm():
+    injected = '# Parameters\nnproc = 2\n'
+    nb.check_parameters(FakeShell([PARAMS_CELL, injected, "import torch", "x = 1", injected, "y = 2"]))
+    with pytest.raises(nb.ParameterError, match="'nprocs'"):
+        nb.check_parameters(FakeShell([PARAMS_CELL, injected, "x = 1", "# Parameters\nnprocs = 2\n", "y"]))
+
+
 def test_valid_or_absent_injections_pass():
     nb.check_parameters(FakeShell([PARAMS_CELL, "# Parameters\nnproc = 2\nmode = \"supervised\"\n", "x"]))
     nb.check_parameters(FakeShell([PARAMS_CELL, "nprocs = 2", "x"]))  # JupyterLab: the user's own cells

@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     tic = time.perf_counter()
     run_notebooks(args.out, args.only)
     print(summary(args.out))
-    total = time.perf_counter() - tic
-    print(f"[demo] total {total:.0f} s ({int(total // 60)} min {int(total % 60)} s)", flush=True)
+    total = round(time.perf_counter() - tic)
+    print(f"[demo] total {total} s ({total // 60} min {total % 60} s)", flush=True)
     return 0
 
 

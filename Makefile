@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cacnb-installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+# make lab: the interface JupyterLab listens on (localhost; IP=0.0.0.0 for every interface) and its port
+IP     ?= localhost
+PORT   ?= 8888
 
 .PHONY: install demo test lab data sweep clean-demo
 
@@ -30,9 +33,10 @@ test: install
 sweep: install
 	$(BIN)/python -m cacnb.sweep --config synthetic_context --modes supervised,semi,full --seeds 0,1,2 --out runs/sweep
 
-## make lab: JupyterLab on the notebooks (works as root)
+## make lab: JupyterLab on the notebooks without opening a browser (works as root); open the URL it prints,
+## through an SSH tunnel on a remote machine: ssh -N -L 8888:localhost:8888 user@host
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ip=$(IP) --port=$(PORT) $(ROOT_FLAG)
 
 data: install
 	$(BIN)/python -m cacnb.data.synthetic --root data/synthetic

@@ -114,6 +114,7 @@ class TrainConfig:
     resume: Optional[str] = None          # checkpoint path; last.pt in the run dir resumes automatically
     eval_mode: str = "whole"              # whole | slide
     max_iters: Optional[int] = None       # stop after this many iterations in total (smoke tests)
+    tensorboard: bool = False             # also write TensorBoard scalars to <run dir>/tb (pip install cacnb[tensorboard])
 
 
 @dataclass

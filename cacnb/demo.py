@@ -4,7 +4,10 @@
 
 Each notebook is run by papermill (as JupyterLab would: the kernel's cwd is ``notebooks/``) and saved executed
 under ``--out``. Notebook 00 writes the synthetic dataset when it is missing; notebook 03 trains the supervised
-baseline and CAC; 04 and 05 evaluate and visualise them. Re-running is cheap: finished runs are not retrained.
+baseline and CAC *before* 02, so the loss walkthrough explains the trained CAC model; 04 and 05 evaluate and
+visualise them. Every notebook after 03 gets the same ``out_dir`` and finds its runs through ``Config.run_dir``.
+Widgets are off (``interactive=False``): the executed notebooks are static files. Re-running is cheap: finished
+runs are not retrained.
 """
 from __future__ import annotations
 
@@ -13,18 +16,27 @@ import sys
 import time
 from pathlib import Path
 
+from .config import load_config
+from .notebook import execute
 from .paths import project_root
 from .runlog import best_val
 
+DEMO_CONFIG = "synthetic"
 DEMO_PARAMETERS = {
     "00_data_setup": {"dataset": "synthetic", "data_dir": "data/synthetic"},
-    "01_model": {"config": "synthetic"},
-    "02_loss_walkthrough": {"config": "synthetic"},
-    "03_training": {"config": "synthetic", "nproc": 1, "out_dir": "{out}", "also_supervised": True},
-    "04_evaluation": {"config": "synthetic", "run_dir": "{out}/synthetic_semi",
-                      "baseline_dir": "{out}/synthetic_supervised"},
-    "05_visualization": {"config": "synthetic", "checkpoint": "{out}/synthetic_semi/best.pt"},
+    "01_model": {"config": DEMO_CONFIG},
+    "03_training": {"config": DEMO_CONFIG, "nproc": 1, "out_dir": "{out}", "also_supervised": True},
+    "02_loss_walkthrough": {"config": DEMO_CONFIG, "out_dir": "{out}", "interactive": False},
+    "04_evaluation": {"config": DEMO_CONFIG, "out_dir": "{out}"},
+    "05_visualization": {"config": DEMO_CONFIG, "out_dir": "{out}", "interactive": False},
 }
+# the order the demo runs them in: training (03) first, so that 02 explains a trained model
+DEMO_ORDER = list(DEMO_PARAMETERS)
+
+
+def demo_run_dir(out: str, mode: str) -> Path:
+    """Where notebook 03 trains the demo config in ``mode`` under ``out`` (``Config.run_dir``)."""
+    return Path(load_config(DEMO_CONFIG, {"train.out_dir": out, "train.mode": mode}).run_dir)
 
 
 def notebook_parameters(notebook: Path, out: str) -> dict:
@@ -38,12 +50,12 @@ def notebook_parameters(notebook: Path, out: str) -> dict:
 
 
 def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> list[Path]:
-    import papermill
-
     root = project_root(Path(__file__).resolve().parent) or Path.cwd()
     out_dir = root / out
     out_dir.mkdir(parents=True, exist_ok=True)
-    notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    found = {nb.stem: nb for nb in (root / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    notebooks = [found[stem] for stem in DEMO_ORDER if stem in found]
+    notebooks += sorted(nb for stem, nb in found.items() if stem not in DEMO_ORDER)
     if only:
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
     done = []
@@ -52,8 +64,7 @@ def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> li
         params = notebook_parameters(nb, out)
         print(f"[demo] {nb.name} {params}", flush=True)
         tic = time.perf_counter()
-        papermill.execute_notebook(str(nb), str(target), parameters=params, kernel_name="python3",
-                                   cwd=str(root / "notebooks"), progress_bar=False)
+        execute(nb, target, params, cwd=root / "notebooks")
         print(f"[demo] {nb.name} done in {time.perf_counter() - tic:.0f} s -> {target}", flush=True)
         done.append(target)
     return done
@@ -62,13 +73,12 @@ def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> li
 def summary(out: str) -> str:
     root = project_root(Path(__file__).resolve().parent) or Path.cwd()
     lines = [f"Executed notebooks: {root / out}"]
-    for name in ("synthetic_supervised", "synthetic_semi"):
-        run = root / out / name
+    for mode, label in (("supervised", "supervised baseline"), ("semi", "CAC (semi)")):
+        run = root / demo_run_dir(out, mode)
         try:
             best = best_val(run)
         except FileNotFoundError:
             best = None
-        label = "supervised baseline" if name.endswith("supervised") else "CAC (semi)"
         if best is not None:
             lines.append(f"  {label:20s} best val mIoU {100 * best['miou']:.2f}%  ({run})")
     return "\n".join(lines)
@@ -82,7 +92,8 @@ def main(argv=None) -> int:
     tic = time.perf_counter()
     run_notebooks(args.out, args.only)
     print(summary(args.out))
-    print(f"[demo] total {time.perf_counter() - tic:.0f} s", flush=True)
+    total = round(time.perf_counter() - tic)
+    print(f"[demo] total {total} s ({total // 60} min {total % 60} s)", flush=True)
     return 0
 
 

@@ -250,12 +250,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_eval_config(source, overrides: Iterable[str] = (), data_dir: Optional[str] = None):
-    """The config to evaluate with: ``source`` + overrides, no ImageNet weights (a checkpoint follows)."""
-    from cacnb.config import load_config
+    """The config to evaluate with: ``source`` + overrides (a dict of dotted keys, or ``key=value`` strings),
+    no ImageNet weights (a checkpoint follows)."""
+    from cacnb.config import load_config, parse_overrides
 
-    extra = list(overrides)
+    extra = parse_overrides(overrides)
     if data_dir:
-        extra.append(f"data.data_dir={data_dir}")
+        extra["data.data_dir"] = data_dir
     cfg = load_config(source, extra)
     cfg.model.pretrained = None
     return cfg

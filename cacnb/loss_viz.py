@@ -1,8 +1,10 @@
-"""The CAC loss on one crop pair, term by term, for notebook 02 (figures return a matplotlib Figure).
+r"""The CAC loss on one crop pair, term by term, for notebook 02 (figures return a matplotlib Figure).
 
 :func:`pair_terms` runs the model on a pair and prepares exactly what :func:`cacnb.loss.cac_unsup_loss` feeds
 the loss: overlap features, confidences, pseudo-labels and sampled negatives. The other functions explain or
-plot pieces of it. Pair geometry and the crop / confidence figures come from :mod:`cacnb.viz`.
+plot pieces of it. Pair geometry and the crop / confidence figures come from :mod:`cacnb.viz`; names and
+colours from :mod:`cacnb.style`: the loss code's ``_a`` / ``_b`` are view 1 / view 2, so ``loss_a`` is
+:math:`\mathcal{L}^{1\leftarrow 2}` (view 1 pulled towards view 2).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from cacnb import style
 from cacnb.loss import (
     confidence_and_pseudo_label,
     direction_weights,
@@ -108,12 +111,11 @@ def term_summary(terms: PairTerms) -> dict:
 def format_summary(summary: Mapping) -> str:
     lines = [f"{summary['n_overlap']} overlap positions, {summary['n_neg']} negatives; the same-label filter "
              f"removes {summary['neg_filtered_mean']:.1f} negatives per pulled position on average"]
-    for side, other in (("a", "b"), ("b", "a")):
+    for k, side in enumerate("ab"):
         if summary[f"pulled_{side}"] == 0:
-            lines.append(f"loss_{side} (crop {side} pulled towards crop {other}): no position passes the rule, "
-                         f"so loss_{side} = 0")
+            lines.append(f"loss_{side} ({style.pull(k)}): no position passes the rule, so loss_{side} = 0")
             continue
-        lines.append(f"loss_{side} (crop {side} pulled towards crop {other}): {summary[f'pulled_{side}']} positions, "
+        lines.append(f"loss_{side} ({style.pull(k)}): {summary[f'pulled_{side}']} positions, "
                      f"mean pos/T = {summary[f'mean_pos_{side}']:.3f}, mean log sum exp(neg/T) = "
                      f"{summary[f'mean_neg_lse_{side}']:.3f}, mean l_i = {summary[f'mean_l_{side}']:.4f} "
                      f"-> loss_{side} = {summary[f'loss_{side}']:.4f}")
@@ -155,31 +157,41 @@ def _plt():
     return plt
 
 
-def plot_direction_rule(terms: PairTerms):
-    """Left: conf_b against conf_a for every overlap position, with the threshold γ and the diagonal that
-    decide the direction. Right: the same decision on the overlap grid (raw crop-a layout)."""
+def plot_direction_rule(terms: PairTerms, pos_thresh: Optional[float] = None):
+    """Left: view 2's confidence against view 1's for every overlap position, with the threshold γ and the
+    diagonal that decide the direction. Right: the same decision on the overlap grid (view 1's raw layout).
+    ``pos_thresh``: γ to draw the rule for (default: the terms' own)."""
     plt = _plt()
-    w_a, w_b = direction_weights(terms.conf_a, terms.conf_b, terms.pos_thresh)
-    gamma = terms.pos_thresh
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
-    for mask, colour, name in ((~(w_a | w_b), "lightgrey", "no pull"), (w_a, "tab:blue", "a pulled towards b"),
-                               (w_b, "tab:orange", "b pulled towards a")):
+    gamma = terms.pos_thresh if pos_thresh is None else float(pos_thresh)
+    w_a, w_b = direction_weights(terms.conf_a, terms.conf_b, gamma)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    for mask, colour, name in ((~(w_a | w_b), style.NO_PULL, "no pull"), (w_a, style.VIEW_COLOURS[0], style.pull(0)),
+                               (w_b, style.VIEW_COLOURS[1], style.pull(1))):
         ax.scatter(terms.conf_a[mask], terms.conf_b[mask], s=10, c=colour, label=f"{name} ({int(mask.sum())})")
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.axhline(gamma, color="tab:blue", lw=1)
-    ax.axvline(gamma, color="tab:orange", lw=1)
-    ax.set(xlim=(0, 1.01), ylim=(0, 1.01), xlabel="conf_a (crop a)", ylabel="conf_b (crop b)",
-           title=f"w_a = [conf_b > {gamma} and conf_b > conf_a]")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="equal confidence")
+    ax.axhline(gamma, color=style.VIEW_COLOURS[0], lw=1, label=f"{style.view(1)} confidence = γ")
+    ax.axvline(gamma, color=style.VIEW_COLOURS[1], lw=1, label=f"{style.view(0)} confidence = γ")
+    ax.set(xlim=(0, 1.01), ylim=(0, 1.01), xlabel=f"confidence of {style.view(0)} (conf_a)",
+           ylabel=f"confidence of {style.view(1)} (conf_b)",
+           title=f"γ = {gamma:.2f}: {style.view(0)} moves where conf_b > γ and conf_b > conf_a")
+    style.legend(ax, loc="lower right")
     grid = (w_a.float() - w_b.float()).reshape(terms.box_hw).numpy()
     ax2.imshow(grid, cmap="coolwarm_r", vmin=-1.5, vmax=1.5, interpolation="nearest")
     yy, xx = np.nonzero(grid)
     ax2.quiver(xx, yy, grid[yy, xx], np.zeros_like(xx), pivot="middle", scale=30, width=0.004)
-    ax2.set_title("overlap grid (crop a, unflipped): arrow right = a pulled\ntowards b, left = b towards a")
+    ax2.set_title(f"overlap grid ({style.view(0)}, unflipped): arrow right = {style.pull(0)},\n"
+                  f"left = {style.pull(1)}", fontsize=10)
     ax2.set_xticks([])
     ax2.set_yticks([])
-    fig.tight_layout()
-    return fig
+    return style.finish(fig)
+
+
+def direction_explorer(terms: PairTerms, interactive: Optional[bool] = None):
+    """:func:`plot_direction_rule` with a γ slider (JupyterLab); the terms' own γ as a static figure otherwise."""
+    from cacnb.viz import slider_explorer
+
+    return slider_explorer(lambda gamma: plot_direction_rule(terms, gamma),
+                           {"gamma": (float(terms.pos_thresh), 0.0, 1.0, 0.05)}, interactive)
 
 
 def plot_negatives(terms: PairTerms, class_names: Optional[Sequence[str]] = None):
@@ -194,7 +206,7 @@ def plot_negatives(terms: PairTerms, class_names: Optional[Sequence[str]] = None
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(present))
     ax.bar(x - 0.2, neg_counts[present], width=0.4, label="negatives")
-    ax.bar(x + 0.2, anchor_counts[present], width=0.4, label="overlap anchors (a and b)")
+    ax.bar(x + 0.2, anchor_counts[present], width=0.4, label="overlap anchors (both views)")
     ax.set_xticks(x, names, rotation=45, ha="right")
     ax.set(ylabel="count", title="pseudo-labels: negatives vs anchors")
     ax.legend()
@@ -205,7 +217,7 @@ def plot_negatives(terms: PairTerms, class_names: Optional[Sequence[str]] = None
             title="after the filter label_j != label_i")
     ax2.legend()
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 def plot_per_anchor_loss(terms: PairTerms):
@@ -214,11 +226,12 @@ def plot_per_anchor_loss(terms: PairTerms):
     per = per_anchor_terms(terms)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     top = float(torch.cat([per["l_a"], per["l_b"]]).max())
-    for ax, side in zip(axes, "ab"):
+    for k, (ax, side) in enumerate(zip(axes, "ab")):
         values = per[f"l_{side}"].masked_fill(~per[f"w_{side}"], float("nan")).reshape(terms.box_hw)
         im = ax.imshow(values.numpy(), cmap="magma", vmin=0, vmax=top, interpolation="nearest")
-        ax.set_title(f"l_i of loss_{side} where w_i = 1 ({int(per[f'w_{side}'].sum())} positions)")
+        ax.set_title(f"l_i of loss_{side} ({style.pull(k)})\nwhere w_i = 1 ({int(per[f'w_{side}'].sum())} positions)",
+                     fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes.tolist(), fraction=0.03)
-    return fig
+    fig.colorbar(im, ax=axes.tolist(), fraction=0.03, label="l_i")
+    return style.finish(fig)

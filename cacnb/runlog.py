@@ -3,7 +3,9 @@
 - ``config.json``: the full config.
 - ``env.json``: versions, git commit, devices, world size.
 - ``metrics.jsonl``: one JSON object per line, ``{"kind": "train", ...}`` every log step and
-  ``{"kind": "val", ...}`` after every validation. Only rank 0 writes.
+  ``{"kind": "val", ...}`` after every validation. Only rank 0 writes. This file is the source of truth.
+- ``tb/``: with ``train.tensorboard=true`` (``pip install cacnb[tensorboard]``) the same scalars as TensorBoard
+  events, for users who watch runs there (:class:`ScalarWriter`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from .config import atomic_write_text
+from . import style
+from .config import ConfigError, atomic_write_text
 
 
 def environment(world_size: int) -> dict:
@@ -90,6 +93,39 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+class ScalarWriter:
+    """TensorBoard copy of the numeric fields of every ``metrics.jsonl`` record (``train/<key>``, ``val/<key>``).
+
+    Off (a no-op) unless ``enabled``; enabled without TensorBoard installed, it raises a ConfigError that says
+    how to install it. ``start`` (the resumed iteration) purges events a crashed run logged past its checkpoint,
+    as :meth:`MetricsLog.truncate_after` does for the JSON lines."""
+
+    def __init__(self, run_dir: "str | os.PathLike", enabled: bool = False, start: int = 0):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: the optional extra may be absent
+        except ImportError:
+            raise ConfigError("train.tensorboard=true needs TensorBoard: pip install 'cacnb[tensorboard]' "
+                              "(or set train.tensorboard=false; metrics.jsonl is written either way)") from None
+        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start + 1 if start else None)
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        kind = record.get("kind", "train")
+        for key, value in record.items():
+            if key not in ("iter", "kind", "epoch") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                self.writer.add_scalar(f"{kind}/{key}", value, record.get("iter", 0))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def read_metrics(path: "str | os.PathLike") -> list[dict]:
     """All records of a ``metrics.jsonl`` (or of the one in a run dir); a torn last line is skipped."""
     path = Path(path)
@@ -121,39 +157,42 @@ def best_val(run_dir: "str | os.PathLike") -> Optional[dict]:
     return max(vals, key=lambda v: v["miou"]) if vals else None
 
 
-def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", figsize=(15, 3.6)):
-    """Losses, lr, fraction of positives kept, and validation mIoU of one or several runs, side by side."""
+def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", figsize=(15, 3.8)):
+    """Losses, lr, fraction of positives kept, and validation mIoU of one or several runs, side by side, all on
+    whole training iterations (each validation sits at the iteration that ended its epoch)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not isinstance(run_dirs, dict):
         run_dirs = {Path(run_dirs).name: run_dirs}
-    fig, axes = plt.subplots(1, 4, figsize=figsize)
+    fig, axes = plt.subplots(1, 4, figsize=figsize, layout="constrained", sharex=True)
     for label, run_dir in run_dirs.items():
         kinds = split_kinds(read_metrics(run_dir))
         _plot_train(axes[:3], kinds.get("train", []), label)
         vals = kinds.get("val", [])
         if vals:
-            axes[3].plot([v["iter"] for v in vals], [100 * (v["miou"] or 0) for v in vals], "o-", label=label)
+            axes[3].plot([int(v["iter"]) for v in vals], [100 * (v["miou"] or 0) for v in vals], "o-", label=label)
     titles = ("loss terms", "learning rate (head)", "overlap positions pulled (%)", "val mIoU (%)")
+    axes[0].set_xlim(left=0)  # shared: every panel spans iteration 0 to the last one, so ticks stay whole numbers
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("iteration")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        style.legend(ax, fontsize=7)
+    return style.finish(fig)
 
 
 def _plot_train(axes, rows: list[dict], label: str) -> None:
     if not rows:
         return
-    it = [r["iter"] for r in rows]
-    for key, style in (("loss_sup", "-"), ("loss_unsup", "--")):
+    it = [int(r["iter"]) for r in rows]
+    for key, line in (("loss_sup", "-"), ("loss_unsup", "--")):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
-            axes[0].plot(it, [float("nan") if y is None else y for y in ys], style, label=f"{label}: {key}")
+            axes[0].plot(it, [float("nan") if y is None else y for y in ys], line, label=f"{label}: {key}")
     axes[1].plot(it, [r.get("lr", float("nan")) for r in rows], label=label)
-    for key in ("frac_pos_a", "frac_pos_b"):
+    for k, key in enumerate(("frac_pos_a", "frac_pos_b")):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
-            axes[2].plot(it, [float("nan") if y is None else 100 * y for y in ys], label=f"{label}: {key}")
+            axes[2].plot(it, [float("nan") if y is None else 100 * y for y in ys], ("-", "--")[k],
+                         label=f"{label}: {style.pull(k)}")

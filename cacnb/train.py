@@ -28,7 +28,7 @@ from .config import (PRESETS, Config, ConfigError, absolute_paths, atomic_write_
                      save_config, valid_keys)
 from .engine import (build_optimizer, first_bad_term, load_training_checkpoint, make_checkpoint, rng_state,
                      save_checkpoint, set_lr, set_rng_state, train_step, unwrap)
-from .runlog import MetricsLog, environment
+from .runlog import MetricsLog, ScalarWriter, environment
 
 
 class TrainingDiverged(FloatingPointError):
@@ -39,6 +39,8 @@ def train(cfg: "Config | str", overrides=None) -> Path:
     """Run training for ``cfg`` (a Config, preset name or JSON path) and return the run dir."""
     cfg = load_config(cfg, overrides)
     device = dist.init_from_env(timeout_s=float(os.environ.get("CACNB_DIST_TIMEOUT", 600)))
+    if not dist.is_main():  # every rank would repeat rank 0's warnings (same config, same data)
+        warnings.simplefilter("ignore")
     try:
         return Trainer(cfg, device).run()
     finally:
@@ -69,7 +71,7 @@ class Trainer:
         self._build_model()
         self._maybe_resume()
         # after the resume, so steps logged past the checkpoint by a crashed run are purged, not duplicated
-        self.tb = _tensorboard(self.run_dir, self.iteration) if self.main else None
+        self.tb = ScalarWriter(self.run_dir, enabled=self.main and cfg.train.tensorboard, start=self.iteration)
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -107,18 +109,21 @@ class Trainer:
         model = maybe_sync_bn(model, cfg, self.world, self.device)
         self.model = model
         self.optimizer = build_optimizer(model, cfg)
-        self.net = self._wrap(model)
+        self.net = self._wrap(model, unsup_active=self.semi and self.unsup_start == 0)
         self.bank = FeatureBank(cfg.loss.step_save).to(self.device)
         torch.manual_seed(cfg.train.seed + 1 + self.rank)  # distinct dropout streams per rank
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 * self.rank + 17)
 
-    def _wrap(self, model):
+    def _wrap(self, model, unsup_active: Optional[bool] = None):
         net = model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # In semi mode the projector idles until epoch_start_unsup; DDP must tolerate that.
+            if unsup_active is None:
+                unsup_active = self.semi and self.iteration >= self.unsup_start
+            # The projector idles until epoch_start_unsup: DDP must look for unused parameters only while it does
+            # (searching once all are used costs a graph traversal per step and a warning). run() rewraps.
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                            find_unused_parameters=self.semi)
+                                                            find_unused_parameters=self.semi and not unsup_active)
         if self.cfg.train.compile:
             net = torch.compile(net)
         return net
@@ -171,6 +176,8 @@ class Trainer:
         while self.iteration < self.end:
             use_unsup = self.semi and self.iteration >= self.unsup_start
             if use_unsup and loader_u is None:
+                if self.world > 1 and self.unsup_start > 0:
+                    self.net = self._wrap(self.model, unsup_active=True)  # every parameter is used from now on
                 loader_u = self._loader(self.pairs, self.batch_u, self.cfg.train.seed + 1,
                                         self.iteration - self.unsup_start)
             result, lr = self._step(next(loader_l), next(loader_u) if use_unsup else None)
@@ -218,10 +225,7 @@ class Trainer:
         record.update(window.mean_over_ranks(self.device))
         record["images_per_s"] = window.images * self.world / max(seconds, 1e-9)
         self.log.write(record)
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("iter", "kind"):
-                    self.tb.add_scalar(f"train/{k}", v, self.iteration)
+        self.tb.write(record)
         return record
 
     def _epoch(self) -> int:
@@ -253,11 +257,10 @@ class Trainer:
         record = {"kind": "val", "iter": self.iteration, "epoch": epoch - 1, "miou": result["miou"],
                   "iou": result["iou"], "pixel_acc": result["pixel_acc"]}
         self.log.write(record)
+        self.tb.write({k: v for k, v in record.items() if k != "iou"})
         self.history.append({k: record[k] for k in ("iter", "epoch", "miou", "pixel_acc")})
         if self.main:
             print(f"[cacnb] iteration {self.iteration}: val mIoU {100 * result['miou']:.2f}%", flush=True)
-            if self.tb is not None:
-                self.tb.add_scalar("val/miou", result["miou"], self.iteration)
         if result["miou"] > self.best_miou:
             self.best_miou = result["miou"]
             self._save("best.pt")
@@ -285,8 +288,7 @@ class Trainer:
         sums = dist.all_gather_object(parameter_digest(self.model))
         self.log.write({"kind": "final", "iter": self.iteration, "best_miou": self.best_miou,
                         "param_digests": sums, "ranks_in_sync": len(set(sums)) == 1})
-        if self.tb is not None:
-            self.tb.close()
+        self.tb.close()
         if self.main:
             print(f"[cacnb] done: {self.run_dir} (best val mIoU "
                   f"{100 * max(self.best_miou, 0):.2f}%)", flush=True)
@@ -375,14 +377,6 @@ def ensure_dataset(cfg: Config) -> None:
     if not (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").exists():
         print(f"[cacnb] writing the synthetic dataset to {root}", flush=True)
         make_synthetic_for(cfg.data)
-
-
-def _tensorboard(run_dir: Path, iteration: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tb"), purge_step=iteration + 1 if iteration else None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,28 +6,30 @@ as the network sees them, so boxes are mirrored onto the displayed crop. Feature
 ``model.crop_outputs`` are at stride 8 (``h8 = S / 8``); a displayed grid cell ``(y, x)`` of a mirrored crop is
 raw cell ``(y, w8 - 1 - x)``.
 
-The directional contrastive loss (paper Eq. 3-4) pulls the feature of an overlap position in crop a towards its
-counterpart in crop b only where b is the more confident of the two and confident enough,
+The directional contrastive loss (paper Eq. 3-4) pulls the feature of an overlap position in view 1 (``a`` in the
+loss code) towards its counterpart in view 2 (``b``) only where view 2 is the more confident and confident enough,
 
     w_a(i) = [conf_b(i) > gamma and conf_b(i) > conf_a(i)],   gamma = 0.75,
 
 and symmetrically for b; :func:`plot_confidence` draws exactly that mask.
 
-Every plotting function returns a matplotlib Figure (assign it, or end the notebook line with ``;``, so the
+Names and colours (view 1 / view 2, the overlap box colour, the fixed cosine range) come from
+:mod:`cacnb.style`. Every plotting function returns a matplotlib Figure (assign it, or end the notebook line with ``;``, so the
 inline backend shows it once).
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cacnb import style
 from cacnb.data.palette import colorize as _palette_colorize
 from cacnb.engine import unwrap
+from cacnb.notebook import resolve_interactive, widget_frontend
 
 POS_THRESH = 0.75
 
@@ -90,7 +92,7 @@ def overlap_cells(overlap_k: Sequence[int], flip_k: bool, grid_w: int, stride: i
 
 
 def counterpart(item: Mapping, y: int, x: int, grid_hw: tuple[int, int], stride: int = 8) -> Optional[tuple]:
-    """The displayed cell of crop 2 seeing the same image content as displayed cell ``(y, x)`` of crop 1, or
+    """The displayed cell of view 2 seeing the same image content as displayed cell ``(y, x)`` of view 1, or
     None when ``(y, x)`` lies outside the overlap."""
     overlap, flip = item["overlap"], item["flip"]
     h8, w8 = grid_hw
@@ -104,7 +106,7 @@ def counterpart(item: Mapping, y: int, x: int, grid_hw: tuple[int, int], stride:
     return rows_b.start + (y - rows_a.start), int(cols_b[int(hits[0])])
 
 
-def _draw_box(ax, box, colour="yellow", scale: float = 1.0, label: Optional[str] = None) -> None:
+def _draw_box(ax, box, colour=style.OVERLAP, scale: float = 1.0, label: Optional[str] = None) -> None:
     from matplotlib.patches import Rectangle
 
     top, left, bottom, right = (v * scale for v in box)
@@ -124,16 +126,17 @@ def show_pair(item: Mapping, dataset: str = "voc", with_labels: bool = True, fig
         box = displayed_box(item["overlap"][k].tolist(), flipped, width)
         axes[0, k].imshow(image_to_rgb(item["image"][k]))
         _draw_box(axes[0, k], box)
-        axes[0, k].set_title(f"crop {k + 1}" + (" (h-flipped)" if flipped else " (not flipped)"))
+        axes[0, k].set_title(style.view(k) + (" (h-flipped)" if flipped else " (not flipped)"))
         if rows == 2:
             axes[1, k].imshow(colorize(item["label"][k], dataset))
-            _draw_box(axes[1, k], box, colour="white")
-            axes[1, k].set_title(f"label {k + 1}")
+            _draw_box(axes[1, k], box)
+            axes[1, k].set_title(f"{style.view(k)}: label")
         for ax in axes[:, k]:
             _off(ax)
-    fig.suptitle(f"{item.get('id', '')}: overlap box (yellow) is the same image region in both crops")
-    fig.tight_layout()
-    return fig
+    fig.suptitle(f"{item.get('id', '')}: the boxed region is the same image content in both views")
+    fig.legend(handles=[style.overlap_handle()], loc="lower center", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return style.finish(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def pair_outputs(model: torch.nn.Module, item: Mapping) -> list[dict]:
 
 
 def similarity_map(proj_a: torch.Tensor, proj_b: torch.Tensor, y: int, x: int) -> torch.Tensor:
-    """Cosine similarity ``[h, w]`` between crop a's feature at ``(y, x)`` and every position of crop b
+    """Cosine similarity ``[h, w]`` between view 1's feature at ``(y, x)`` and every position of view 2
     (``proj_*`` are ``[c, h, w]``; normalised again here so unnormalised features work too)."""
     query = F.normalize(proj_a[:, y, x], dim=0)        # [c]
     keys = F.normalize(proj_b, dim=0)                  # [c, h, w]
@@ -172,12 +175,13 @@ def _grid_point_to_pixels(y: int, x: int, size: int, grid: int) -> tuple[float, 
 
 
 def plot_similarity(item: Mapping, outputs: Sequence[Mapping], y: int, x: int, axes=None, key: str = "proj"):
-    """Crop 1 with the query cell ``(y, x)`` (displayed stride-8 grid) marked; crop 2 with the cosine
-    similarity of every position to it (the counterpart cell, if the query lies in the overlap, is circled)."""
+    """View 1 with the query cell ``(y, x)`` (displayed stride-8 grid) marked; view 2 with the cosine similarity
+    of every position to it on the fixed range [-1, 1] (so queries and models compare by colour), and the
+    counterpart cell circled when the query lies in the overlap."""
     plt = _plt()
-    fig = None
-    if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    fig, own = None, axes is None
+    if own:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), layout="constrained")
     fig = fig or axes[0].figure
     feats_a, feats_b = outputs[0][key], outputs[1][key]
     h8, w8 = feats_a.shape[-2:]
@@ -186,27 +190,31 @@ def plot_similarity(item: Mapping, outputs: Sequence[Mapping], y: int, x: int, a
     py, px = _grid_point_to_pixels(y, x, size, w8)
     axes[0].imshow(image_to_rgb(item["image"][0]))
     _draw_box(axes[0], displayed_box(item["overlap"][0].tolist(), bool(item["flip"][0]), size))
-    axes[0].plot([px], [py], marker="+", color="red", markersize=16, markeredgewidth=3)
-    axes[0].set_title(f"crop 1: query cell ({y}, {x})")
+    axes[0].plot([px], [py], marker="+", linestyle="none", color=style.QUERY, markersize=16, markeredgewidth=3,
+                 label=f"query cell ({y}, {x})")
+    axes[0].set_title(f"{style.view(0)}: query cell ({y}, {x})")
+    style.legend(axes[0], [style.overlap_handle("overlap")], loc="lower left")
     axes[1].imshow(image_to_rgb(item["image"][1]))
-    # the data's own range: an untrained model's similarities all sit near 1, a fixed [-1, 1] hides them
-    im = axes[1].imshow(sim, cmap="magma", vmin=float(sim.min()), vmax=float(sim.max()), alpha=0.65,
+    lo, hi = style.COSINE_RANGE
+    im = axes[1].imshow(sim, cmap=style.COSINE_CMAP, vmin=lo, vmax=hi, alpha=0.75,
                         extent=(-0.5, size - 0.5, size - 0.5, -0.5))
     _draw_box(axes[1], displayed_box(item["overlap"][1].tolist(), bool(item["flip"][1]), size))
     match = counterpart(item, y, x, (h8, w8))
     if match is not None:
         my, mx = _grid_point_to_pixels(match[0], match[1], size, w8)
-        axes[1].plot([mx], [my], marker="o", markerfacecolor="none", color="cyan", markersize=14,
-                     markeredgewidth=2)
-    axes[1].set_title("crop 2: cosine similarity" + (" (cyan: same pixel)" if match else ""))
+        axes[1].plot([mx], [my], marker="o", linestyle="none", markerfacecolor="none", color=style.MATCH,
+                     markersize=14, markeredgewidth=2, label="same image position")
+    axes[1].set_title(f"{style.view(1)}: cosine similarity to the query\n"
+                      f"(range here {sim.min():+.2f} .. {sim.max():+.2f})")
+    style.legend(axes[1], [style.overlap_handle("overlap")], loc="lower left")
     for ax in axes:
         _off(ax)
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
-    return fig
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label="cosine similarity")
+    return style.finish(fig) if own else fig  # a caller's figure is finished by its caller
 
 
 def default_queries(item: Mapping, grid_hw: tuple[int, int], n: int = 3) -> list[tuple[int, int]]:
-    """``n`` query cells of crop 1 spread along the overlap's diagonal (so each has a counterpart)."""
+    """``n`` query cells of view 1 spread along the overlap's diagonal (so each has a counterpart)."""
     rows, cols = overlap_cells(item["overlap"][0].tolist(), bool(item["flip"][0]), grid_hw[1])
     h, w = rows.stop - rows.start, len(cols)
     if h <= 0 or w <= 0:
@@ -223,62 +231,68 @@ def similarity_grid(item: Mapping, outputs: Sequence[Mapping], points: Optional[
     plt = _plt()
     h8, w8 = outputs[0]["proj"].shape[-2:]
     points = list(points) if points else default_queries(item, (h8, w8), n)
-    fig, axes = plt.subplots(len(points), 2, figsize=(8, 3.8 * len(points)), squeeze=False)
+    fig, axes = plt.subplots(len(points), 2, figsize=(12, 5.4 * len(points)), squeeze=False, layout="constrained")
     for row, (y, x) in zip(axes, points):
         plot_similarity(item, outputs, int(y), int(x), axes=row)
-    fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 def widgets_available() -> bool:
-    """True in a live Jupyter kernel with ipywidgets installed; False under plain Python, when
-    ``CACNB_STATIC_PLOTS=1`` (set it for headless runs), or without ipywidgets."""
-    if os.environ.get("CACNB_STATIC_PLOTS", "") not in ("", "0"):
-        return False
-    try:
-        import ipywidgets  # noqa: F401
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and hasattr(shell, "kernel")
+    """Kept for older notebooks: :func:`cacnb.notebook.widget_frontend`."""
+    return widget_frontend()
 
 
-def similarity_explorer(item: Mapping, outputs: Sequence[Mapping], interactive: Optional[bool] = None):
-    """Pick a cell of crop 1 with two sliders and see its cosine similarity over crop 2 (JupyterLab).
+def slider_explorer(draw, sliders: Mapping[str, tuple], interactive: Optional[bool] = None, static=None):
+    """A figure redrawn whenever one of its sliders moves (JupyterLab), or a static figure (papermill).
 
-    Falls back to :func:`similarity_grid` (static figures) when ``interactive`` is False, or is None and no
-    widget frontend is available. Returns the widget box or the static Figure.
-    """
-    if interactive is None:
-        interactive = widgets_available()
-    if not interactive:
-        return similarity_grid(item, outputs)
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:
-        return similarity_grid(item, outputs)
+    ``draw(**values)`` returns a Figure; ``sliders`` maps each keyword of ``draw`` to ``(value, min, max)``
+    (ints give an IntSlider, floats a FloatSlider with ``max - min`` / 100 steps) or ``(value, min, max, step)``.
+    ``interactive`` None: widgets when a widget front-end is attached (:func:`cacnb.notebook.resolve_interactive`).
+    Without widgets ``static()`` (default: ``draw`` at the initial values) gives the figure. Returns the widget
+    box or the Figure."""
+    if not resolve_interactive(interactive):
+        return static() if static is not None else draw(**{k: v[0] for k, v in sliders.items()})
+    import ipywidgets as widgets  # lazy: only the interactive path needs it (resolve_interactive checked it)
+    from IPython.display import display
+
     plt = _plt()
-    h8, w8 = outputs[0]["proj"].shape[-2:]
-    y0, x0 = default_queries(item, (h8, w8), 1)[0]
-    ys = widgets.IntSlider(value=y0, min=0, max=h8 - 1, description="row y")
-    xs = widgets.IntSlider(value=x0, min=0, max=w8 - 1, description="column x")
+    controls = {}
+    for name, spec in sliders.items():
+        value, lo, hi, *step = spec
+        if all(isinstance(v, int) for v in (value, lo, hi)):
+            controls[name] = widgets.IntSlider(value=value, min=lo, max=hi, step=step[0] if step else 1,
+                                               description=name, continuous_update=False)
+        else:
+            controls[name] = widgets.FloatSlider(value=value, min=lo, max=hi, step=step[0] if step else (hi - lo) / 100,
+                                                 description=name, continuous_update=False)
     out = widgets.Output()
 
     def redraw(_change=None) -> None:
         with out:
             out.clear_output(wait=True)
-            fig = plot_similarity(item, outputs, ys.value, xs.value)
+            fig = draw(**{k: c.value for k, c in controls.items()})
             plt.show()
             plt.close(fig)
 
-    ys.observe(redraw, names="value")
-    xs.observe(redraw, names="value")
-    box = widgets.VBox([widgets.HBox([ys, xs]), out])
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    box = widgets.VBox([widgets.HBox(list(controls.values())), out])
     redraw()
     display(box)
     return box
+
+
+def similarity_explorer(item: Mapping, outputs: Sequence[Mapping], interactive: Optional[bool] = None):
+    """Pick a cell of view 1 with two sliders and see its cosine similarity over view 2 (JupyterLab).
+
+    Static (:func:`similarity_grid`, a few queries along the overlap) when ``interactive`` is False, or None
+    without a widget front-end (papermill). Returns the widget box or the static Figure.
+    """
+    h8, w8 = outputs[0]["proj"].shape[-2:]
+    y0, x0 = default_queries(item, (h8, w8), 1)[0]
+    return slider_explorer(lambda y, x: plot_similarity(item, outputs, y, x),
+                           {"y": (int(y0), 0, int(h8) - 1), "x": (int(x0), 0, int(w8) - 1)},
+                           interactive, static=lambda: similarity_grid(item, outputs))
 
 
 def pca_rgb(proj_a: torch.Tensor, proj_b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -307,23 +321,24 @@ def plot_pca(item: Mapping, outputs: Sequence[Mapping], key: str = "proj"):
         box = displayed_box(item["overlap"][k].tolist(), bool(item["flip"][k]), size)
         axes[0, k].imshow(image_to_rgb(item["image"][k]))
         _draw_box(axes[0, k], box)
-        axes[0, k].set_title(f"crop {k + 1}" + (" (flipped)" if bool(item["flip"][k]) else ""))
+        axes[0, k].set_title(style.view(k) + (" (flipped)" if bool(item["flip"][k]) else ""))
         axes[1, k].imshow(rgb[k], extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")
         _draw_box(axes[1, k], box)
-        axes[1, k].set_title(f"PCA of {key} features, crop {k + 1}")
+        axes[1, k].set_title(f"{style.view(k)}: PCA of {key} features")
         for ax in axes[:, k]:
             _off(ax)
-    fig.tight_layout()
-    return fig
+    fig.legend(handles=[style.overlap_handle()], loc="lower center", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return style.finish(fig)
 
 
 def pull_directions(item: Mapping, outputs: Sequence[Mapping], pos_thresh: float = POS_THRESH,
                     stride: int = 8) -> dict:
     """Confidences and the loss's pull direction at every overlap position.
 
-    Returns ``conf`` (two ``[h8, w8]`` max-softmax maps) and, on the overlap grid laid out as crop 1 is
-    displayed, ``conf_a``, ``conf_b`` (crop 2's confidence at the same image positions), ``pull_a`` (crop 1's
-    feature pulled towards crop 2's: ``conf_b > gamma and conf_b > conf_a``), ``pull_b`` (the reverse) and
+    Returns ``conf`` (two ``[h8, w8]`` max-softmax maps) and, on the overlap grid laid out as view 1 is
+    displayed, ``conf_a``, ``conf_b`` (view 2's confidence at the same image positions), ``pull_a`` (view 1's
+    feature pulled towards view 2's: ``conf_b > gamma and conf_b > conf_a``), ``pull_b`` (the reverse) and
     ``direction`` (+1: 1 <- 2, -1: 2 <- 1, 0: no pull).
     """
     conf = [o["logits"].softmax(0).amax(0) for o in outputs]  # 2 x [h8, w8]
@@ -332,7 +347,7 @@ def pull_directions(item: Mapping, outputs: Sequence[Mapping], pos_thresh: float
     for k in range(2):
         rows, cols = overlap_cells(item["overlap"][k].tolist(), bool(item["flip"][k]), w8, stride)
         aligned.append(conf[k][rows][:, cols])                 # [oh, ow], raw (unflipped) column order
-    if bool(item["flip"][0]):                                  # lay both out as crop 1 is displayed
+    if bool(item["flip"][0]):                                  # lay both out as view 1 is displayed
         aligned = [a.flip(-1) for a in aligned]
     conf_a, conf_b = aligned
     pull_a = (conf_b > pos_thresh) & (conf_b > conf_a)
@@ -344,9 +359,9 @@ def pull_directions(item: Mapping, outputs: Sequence[Mapping], pos_thresh: float
 
 def plot_confidence(item: Mapping, outputs: Sequence[Mapping], pos_thresh: float = POS_THRESH):
     """Confidence maps of both crops (white contour at the threshold) and, on the shared region laid out as in
-    crop 1, ``conf_2 - conf_1`` on a diverging map (red: crop 2 is more confident, so crop 1's feature is the
+    view 1, ``conf_2 - conf_1`` on a diverging map (red: view 2 is more confident, so view 1's feature is the
     one that would move; blue: the reverse) with arrows where the loss actually pulls (the more confident side
-    is above the threshold): ``<`` = crop 1 pulled towards crop 2, ``>`` = crop 2 pulled towards crop 1."""
+    is above the threshold): ``<`` = view 1 pulled towards view 2, ``>`` = view 2 pulled towards view 1."""
     plt = _plt()
     info = pull_directions(item, outputs, pos_thresh)
     size = item["image"].shape[-1]
@@ -359,24 +374,26 @@ def plot_confidence(item: Mapping, outputs: Sequence[Mapping], pos_thresh: float
         h8, w8 = info["conf"][k].shape
         ys = (np.arange(h8) + 0.5) * item["image"].shape[-2] / h8 - 0.5
         xs = (np.arange(w8) + 0.5) * size / w8 - 0.5
-        ax.contour(xs, ys, info["conf"][k].numpy(), levels=[pos_thresh], colors="white", linewidths=1)
-        _draw_box(ax, displayed_box(item["overlap"][k].tolist(), bool(item["flip"][k]), size), colour="red")
-        ax.set_title(f"crop {k + 1}: confidence\n(white contour: {pos_thresh})", fontsize=10)
+        ax.contour(xs, ys, info["conf"][k].numpy(), levels=[pos_thresh], colors=style.CONTOUR, linewidths=1)
+        _draw_box(ax, displayed_box(item["overlap"][k].tolist(), bool(item["flip"][k]), size))
+        ax.set_title(f"{style.view(k)}: confidence", fontsize=10)
         _off(ax)
+    axes[0].legend(handles=[style.overlap_handle("overlap"),
+                            style.line_handle(style.CONTOUR, f"confidence = {pos_thresh}", linewidth=1)],
+                   loc="lower left", fontsize=7, facecolor="grey", framealpha=0.6)
     fig.colorbar(im, ax=axes[:2].tolist(), fraction=0.025, pad=0.02, label="max softmax")
     diff = (info["conf_b"] - info["conf_a"]).numpy()
     im2 = axes[2].imshow(diff, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    for mask, marker in ((info["pull_a"], "<"), (info["pull_b"], ">")):
-        yy, xx = mask.nonzero(as_tuple=True)
-        if len(yy):
-            axes[2].scatter(xx.numpy(), yy.numpy(), marker=marker, s=18, c="black")
     n = info["direction"].numel()
-    axes[2].set_title(f"overlap (as in crop 1): conf2 - conf1\n"
-                      f"pulled: 1<-2 {int(info['pull_a'].sum())}/{n}, 2<-1 {int(info['pull_b'].sum())}/{n}",
-                      fontsize=10)
+    for k, (mask, marker) in enumerate(((info["pull_a"], "<"), (info["pull_b"], ">"))):
+        yy, xx = mask.nonzero(as_tuple=True)
+        axes[2].scatter(xx.numpy(), yy.numpy(), marker=marker, s=18, c="black",
+                        label=f"{style.pull(k)} ({int(mask.sum())}/{n})")
+    axes[2].set_title(f"overlap (laid out as {style.view(0)}):\nconfidence of view 2 - view 1", fontsize=10)
+    axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False)
     fig.colorbar(im2, ax=axes[2], fraction=0.046, pad=0.04)
     _off(axes[2])
-    return fig
+    return style.finish(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,7 +435,7 @@ def prediction_gallery(model: torch.nn.Module, dataset, n: int = 6, indices: Opt
     finally:
         net.train(was_training)
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 def _names(class_names: Optional[Sequence[str]], k: int) -> list[str]:
@@ -449,7 +466,7 @@ def plot_iou_bars(iou: Sequence[float], class_names: Optional[Sequence[str]] = N
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title or "per-class IoU")
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 def plot_confusion(cm, class_names: Optional[Sequence[str]] = None, ax=None, title: Optional[str] = None):
@@ -476,7 +493,7 @@ def plot_confusion(cm, class_names: Optional[Sequence[str]] = None, ax=None, tit
     ax.set_title(title or "confusion, row-normalised (grey: class absent from the ground truth)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 def plot_compare(results: Mapping[str, Sequence[float]], class_names: Optional[Sequence[str]] = None,
@@ -501,7 +518,7 @@ def plot_compare(results: Mapping[str, Sequence[float]], class_names: Optional[S
     ax.legend(fontsize=8)
     ax.set_title(title or "per-class IoU, side by side")
     fig.tight_layout()
-    return fig
+    return style.finish(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from conftest import save_model_checkpoint
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "02_loss_walkthrough.ipynb"
-TINY = ["data.n_labeled=4", "data.crop_size=64", "data.base_size=80", "loss.selected_num=128"]
+TINY = {"data.n_labeled": 4, "data.crop_size": 64, "data.base_size": 80, "loss.selected_num": 128}
 
 
 def _outputs(nb) -> str:

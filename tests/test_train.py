@@ -144,6 +144,10 @@ def test_two_process_gloo_semi_run(tmp_path, synthetic_data_dir):
     # the bank holds step_save + 1 gathered sets: 2 crops x selected_num (64) x 2 ranks each
     assert state["bank"]["lengths"].tolist() == [2 * 64 * 2] * 2
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    # a clean run's log: each warning once (rank 0), DDP stops searching unused parameters once CAC uses them all
+    log = proc.stdout + proc.stderr
+    assert log.count("starts from random weights") == 1, log[-3000:]
+    assert "find_unused_parameters" not in log and "Traceback" not in log and "KeyboardInterrupt" not in log
 
 
 def test_cli_errors_are_clear(tmp_path):

@@ -1,52 +1,85 @@
-"""``make demo``: execute every notebook in order on the embedded synthetic dataset, on CPU.
+"""``make demo``: execute every notebook in order on the context benchmark (``synthetic_context``), on CPU.
 
     python -m cacnb.demo --out runs/demo
 
 Each notebook is run by papermill (as JupyterLab would: the kernel's cwd is ``notebooks/``) and saved executed
-under ``--out``. Notebook 00 writes the synthetic dataset when it is missing; notebook 03 trains the supervised
-baseline and CAC *before* 02, so the loss walkthrough explains the trained CAC model; 04 and 05 evaluate and
-visualise them. Every notebook after 03 gets the same ``out_dir`` and finds its runs through ``Config.run_dir``.
+under ``--out``:
+
+1. 00 writes the benchmark's synthetic set when it is missing and checks it; 01 shows the model.
+2. Training is a one-seed sweep (:mod:`cacnb.sweep`, as ``make sweep`` but 1 seed and a short schedule): notebook
+   03 is executed once for the supervised baseline and once for CAC, side by side, each kept in its run dir
+   ``<out>/sweep/<mode>_s0/03_training.ipynb``, and both checkpoints are evaluated on the test split.
+3. 02 explains the trained CAC model's loss; 04 evaluates it on test against the baseline; 05 visualises it; 06
+   reads the one-seed sweep back.
+
+One seed cannot show significance: the demo prints that beside its numbers, with the command of the full study.
 Widgets are off (``interactive=False``): the executed notebooks are static files. Re-running is cheap: finished
-runs are not retrained.
+runs are skipped.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
-from .config import load_config
+from . import sweep
 from .notebook import execute
 from .paths import project_root
-from .runlog import best_val
+from .results import read_results
 
-DEMO_CONFIG = "synthetic"
+DEMO_CONFIG = "synthetic_context"
+# The benchmark's schedule, shortened so that all of make demo fits in 10 minutes on 2 cores: 400 iterations with
+# CAC from iteration 100 (the study: 1,200 with CAC from 400), validation on the first 100 val images.
+DEMO_OVERRIDES = {"train.epochs": 4, "loss.epoch_start_unsup": 1, "train.val_every": 1, "data.val_max_images": 100}
+DEMO_MODES = ("supervised", "semi")
+SWEEP_DIR = "{out}/sweep"
 DEMO_PARAMETERS = {
-    "00_data_setup": {"dataset": "synthetic", "data_dir": "data/synthetic"},
+    "00_data_setup": {"config": DEMO_CONFIG},
     "01_model": {"config": DEMO_CONFIG},
-    "03_training": {"config": DEMO_CONFIG, "nproc": 1, "out_dir": "{out}", "also_supervised": True},
-    "02_loss_walkthrough": {"config": DEMO_CONFIG, "out_dir": "{out}", "interactive": False},
-    "04_evaluation": {"config": DEMO_CONFIG, "out_dir": "{out}"},
-    "05_visualization": {"config": DEMO_CONFIG, "out_dir": "{out}", "interactive": False},
+    "02_loss_walkthrough": {"config": DEMO_CONFIG, "out_dir": SWEEP_DIR, "interactive": False,
+                            "overrides": {"train.run_name": "semi_s0"}},
+    "04_evaluation": {"config": DEMO_CONFIG, "run_dir": SWEEP_DIR + "/semi_s0",
+                      "baseline_dir": SWEEP_DIR + "/supervised_s0", "split": "test"},
+    "05_visualization": {"config": DEMO_CONFIG, "run_dir": SWEEP_DIR + "/semi_s0", "interactive": False},
+    "06_results": {"sweep_dir": SWEEP_DIR},
 }
-# the order the demo runs them in: training (03) first, so that 02 explains a trained model
-DEMO_ORDER = list(DEMO_PARAMETERS)
+# training (03, through the sweep) comes right after 01, so that 02 explains a trained model
+DEMO_ORDER = ["00_data_setup", "01_model", "03_training", "02_loss_walkthrough", "04_evaluation",
+              "05_visualization", "06_results"]
+STUDY_COMMAND = "make sweep   # 3 seeds x supervised / semi / full, the full schedule, 95 % intervals"
 
 
-def demo_run_dir(out: str, mode: str) -> Path:
-    """Where notebook 03 trains the demo config in ``mode`` under ``out`` (``Config.run_dir``)."""
-    return Path(load_config(DEMO_CONFIG, {"train.out_dir": out, "train.mode": mode}).run_dir)
+def _format(value, out: str):
+    if isinstance(value, str):
+        return value.format(out=out)
+    if isinstance(value, dict):
+        return {k: _format(v, out) for k, v in value.items()}
+    return value
 
 
 def notebook_parameters(notebook: Path, out: str) -> dict:
     """The demo's parameters for ``notebook``, restricted to those its ``parameters`` cell declares."""
     import papermill
 
-    wanted = {k: (v.format(out=out) if isinstance(v, str) else v)
-              for k, v in DEMO_PARAMETERS.get(notebook.stem, {}).items()}
+    wanted = _format(DEMO_PARAMETERS.get(notebook.stem, {}), out)
     declared = papermill.inspect_notebook(str(notebook))
     return {k: v for k, v in wanted.items() if k in declared}
+
+
+def sweep_argv(out: str) -> list[str]:
+    """The one-seed sweep of the demo: notebook 03 once per row, two runs side by side."""
+    sets = sum((["--set", f"{k}={v}"] for k, v in DEMO_OVERRIDES.items()), [])
+    return ["--config", DEMO_CONFIG, "--modes", ",".join(DEMO_MODES), "--seeds", "0", "--jobs", "2",
+            "--out", SWEEP_DIR.format(out=out), *sets]
+
+
+def train(out: str) -> None:
+    code = sweep.main(sweep_argv(out))
+    if code:
+        raise RuntimeError(f"the demo's training sweep failed (exit {code}); see {SWEEP_DIR.format(out=out)}/"
+                           f"results.csv and the sweep.log of each run")
 
 
 def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> list[Path]:
@@ -54,33 +87,43 @@ def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> li
     out_dir = root / out
     out_dir.mkdir(parents=True, exist_ok=True)
     found = {nb.stem: nb for nb in (root / "notebooks").glob("[0-9][0-9]_*.ipynb")}
-    notebooks = [found[stem] for stem in DEMO_ORDER if stem in found]
-    notebooks += sorted(nb for stem, nb in found.items() if stem not in DEMO_ORDER)
+    stems = [stem for stem in DEMO_ORDER if stem in found] + sorted(set(found) - set(DEMO_ORDER))
     if only:
-        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
+        stems = [stem for stem in stems if any(stem.startswith(o) for o in only)]
     done = []
-    for nb in notebooks:
-        target = out_dir / nb.name
-        params = notebook_parameters(nb, out)
-        print(f"[demo] {nb.name} {params}", flush=True)
+    for stem in stems:
         tic = time.perf_counter()
-        execute(nb, target, params, cwd=root / "notebooks")
-        print(f"[demo] {nb.name} done in {time.perf_counter() - tic:.0f} s -> {target}", flush=True)
-        done.append(target)
+        if stem == "03_training":
+            print(f"[demo] 03_training through a one-seed sweep: python -m cacnb.sweep {' '.join(sweep_argv(out))}",
+                  flush=True)
+            train(out)
+        else:
+            nb, target = found[stem], out_dir / f"{stem}.ipynb"
+            params = notebook_parameters(nb, out)
+            print(f"[demo] {nb.name} {params}", flush=True)
+            execute(nb, target, params, cwd=root / "notebooks")
+            done.append(target)
+        print(f"[demo] {stem} done in {time.perf_counter() - tic:.0f} s", flush=True)
     return done
 
 
 def summary(out: str) -> str:
+    """The demo's comparison: test mIoU of each row, with the one-seed caveat and the study's command."""
     root = project_root(Path(__file__).resolve().parent) or Path.cwd()
+    folder = root / SWEEP_DIR.format(out=out)
     lines = [f"Executed notebooks: {root / out}"]
-    for mode, label in (("supervised", "supervised baseline"), ("semi", "CAC (semi)")):
-        run = root / demo_run_dir(out, mode)
-        try:
-            best = best_val(run)
-        except FileNotFoundError:
-            best = None
-        if best is not None:
-            lines.append(f"  {label:20s} best val mIoU {100 * best['miou']:.2f}%  ({run})")
+    try:
+        rows = read_results(folder)
+    except FileNotFoundError:
+        return "\n".join(lines + [f"  no training results in {folder}"])
+    labels = {"supervised": "supervised baseline", "semi": "CAC (semi)", "full": "all labeled (full)"}
+    for row in rows:
+        if row["status"] == "ok" and not math.isnan(row["test_miou"]):
+            lines.append(f"  {labels.get(row['mode'], row['mode']):20s} test mIoU {row['test_miou']:.2f}% "
+                         f"(best-on-val checkpoint; val {row['val_miou']:.2f}%)  ({folder / row['run']})")
+    lines.append("  ONE seed and a shortened schedule: this difference cannot show significance. The study with "
+                 "intervals:")
+    lines.append(f"    {STUDY_COMMAND}")
     return "\n".join(lines)
 
 

@@ -23,8 +23,9 @@ def test_notebook_00_executes(tmp_path):
     out = tmp_path / "00_out.ipynb"
     papermill.execute_notebook(str(NOTEBOOK), str(out), kernel_name="python3", cwd=str(tmp_path),
                                progress_bar=False,
-                               parameters={"data_dir": str(data_dir), "num_train": 12, "num_val": 4,
-                                           "n_labeled": 4, "grid": 4})
+                               parameters={"config": "synthetic", "data_dir": str(data_dir), "grid": 4,
+                                           "overrides": {"data.synthetic_train": 12, "data.synthetic_val": 4,
+                                                         "data.n_labeled": 4}})
     assert (data_dir / "VOCdevkit" / "VOC2012" / "cacnb_splits" / "seed0" / "4_train_supervised.txt").is_file()
     nb = nbformat.read(out, as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

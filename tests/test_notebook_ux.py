@@ -141,15 +141,26 @@ def test_run_dir_follows_the_config(tmp_path):
     assert named == tmp_path / "mine"
 
 
-def test_demo_trains_before_the_walkthrough_and_shares_one_out_dir():
-    from cacnb.demo import DEMO_ORDER, DEMO_PARAMETERS, demo_run_dir
+def test_demo_trains_before_the_walkthrough_and_its_notebooks_open_the_sweeps_runs():
+    from cacnb import sweep
+    from cacnb.demo import DEMO_ORDER, DEMO_PARAMETERS, SWEEP_DIR, notebook_parameters, sweep_argv
 
     assert DEMO_ORDER.index("03_training") < DEMO_ORDER.index("02_loss_walkthrough")
-    for stem in ("02_loss_walkthrough", "04_evaluation", "05_visualization"):
-        assert DEMO_PARAMETERS[stem]["out_dir"] == DEMO_PARAMETERS["03_training"]["out_dir"] == "{out}"
+    plan = sweep.build_plan(sweep.parse_args(sweep_argv("runs/x")))
+    trained = {str(plan.out / spec.run) for spec in plan.runs}
+    assert {spec.mode for spec in plan.runs} == {"supervised", "semi"}
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    p02 = notebook_parameters(notebooks / "02_loss_walkthrough.ipynb", "runs/x")
+    p04 = notebook_parameters(notebooks / "04_evaluation.ipynb", "runs/x")
+    p05 = notebook_parameters(notebooks / "05_visualization.ipynb", "runs/x")
+    opened = {str(nb.run_dir(p02["config"], "semi", p02["out_dir"], p02["overrides"]).resolve()),
+              str(Path(p04["run_dir"]).resolve()), str(Path(p04["baseline_dir"]).resolve()),
+              str(Path(p05["run_dir"]).resolve())}
+    assert opened == {str(Path(t).resolve()) for t in trained}
+    assert p04["split"] == "test"
+    assert DEMO_PARAMETERS["06_results"]["sweep_dir"] == SWEEP_DIR
     assert DEMO_PARAMETERS["02_loss_walkthrough"]["interactive"] is False
     assert DEMO_PARAMETERS["05_visualization"]["interactive"] is False
-    assert demo_run_dir("runs/x", "semi") == Path("runs/x/synthetic_semi")
 
 
 def _checkpoint(path, iteration, epochs=4, ipe=30):

@@ -27,11 +27,12 @@ demo: install
 
 ## make test: the whole test suite (non-zero exit on any failure)
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
-## make sweep: the study of issue 12 (3 seeds x supervised/semi/full), papermill runs of notebook 03 into runs/sweep/
+## make sweep: the study (3 seeds x supervised/semi/full, two runs side by side), papermill runs of notebook 03 into runs/sweep/
 sweep: install
-	$(BIN)/python -m cacnb.sweep --config synthetic_context --modes supervised,semi,full --seeds 0,1,2 --out runs/sweep
+	$(BIN)/python -m cacnb.sweep --config synthetic_context --modes supervised,semi,full --seeds 0,1,2 --jobs 2 \
+	    --out runs/sweep
 
 ## make lab: JupyterLab on the notebooks without opening a browser (works as root); open the URL it prints,
 ## through an SSH tunnel on a remote machine: ssh -N -L 8888:localhost:8888 user@host

@@ -308,6 +308,30 @@ def _appearance(rng: np.random.Generator, cls: ObjectClass, s: int) -> np.ndarra
     return colour * modulation
 
 
+def _varied_appearance(rng: np.random.Generator, cls: ObjectClass, s: int) -> np.ndarray:
+    """[s, s, 3] float for the context benchmark: like :func:`_appearance`, with a wider per-instance spread
+    (hue +-0.06, saturation x0.55-1.1, value x0.6-1.15, texture contrast x0.5-1.3), so that a few labeled images
+    do not show every look a class takes: the unlabeled pool does."""
+    hue, sat, val = colorsys.rgb_to_hsv(*(np.asarray(cls.colour, dtype=np.float64) / 255))
+    hue = (hue + rng.uniform(-0.06, 0.06)) % 1.0
+    sat = min(1.0, sat * rng.uniform(0.55, 1.1))
+    val = min(1.0, val * rng.uniform(0.6, 1.15))
+    colour = np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255
+    modulation = TEXTURES[cls.texture](rng, s, s)[..., None]               # [s, s, 1]
+    return colour * (1.0 + rng.uniform(0.5, 1.3) * (modulation - 1.0))
+
+
+def _clutter(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
+    """Muted blobs on the background (still class 0): a flat patch of colour is not by itself an object."""
+    h, w = image.shape[:2]
+    yy, xx = _grid(h, w)
+    for _ in range(count):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        ry, rx = rng.uniform(0.04, 0.12) * min(h, w), rng.uniform(0.04, 0.12) * min(h, w)
+        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0             # [h, w]
+        image[blob] = 0.5 * image[blob] + 0.5 * _muted_colour(rng)
+
+
 def _border_band(label: np.ndarray, width: int) -> np.ndarray:
     """bool [h, w]: a band about ``width`` px wide centred on every class change (VOC marks it 255)."""
     band = np.zeros(label.shape, dtype=bool)
@@ -393,6 +417,7 @@ def render_context_scene(rng: np.random.Generator, size_range: tuple[int, int] =
     ``max_objects`` objects. Returns (image uint8 [H, W, 3], label uint8 [H, W])."""
     h, w = _image_size(rng, size_range)
     image, water = _water_and_ground(rng, h, w)
+    _clutter(rng, image, int(rng.integers(0, 4)))
     label = np.zeros((h, w), dtype=np.uint8)
     for _ in range(int(rng.integers(2, max_objects + 1))):
         cls = CONTEXT_CLASSES[int(rng.choice(len(CONTEXT_CLASSES), p=_CONTEXT_WEIGHTS))]
@@ -401,7 +426,7 @@ def render_context_scene(rng: np.random.Generator, size_range: tuple[int, int] =
         if centre is None:
             continue
         mask = _object_mask(rng, cls, radius)
-        _paste(image, label, mask, _appearance(rng, cls, mask.shape[0]), cls.index, *centre)
+        _paste(image, label, mask, _varied_appearance(rng, cls, mask.shape[0]), cls.index, *centre)
     image *= rng.uniform(0.85, 1.15)
     image += 4 * rng.standard_normal(image.shape, dtype=np.float32)
     label[_border_band(label, border)] = 255

@@ -37,6 +37,13 @@ RESULT_COLUMNS = ("run", "mode", "seed", "overrides", "val_miou", "test_miou", "
 ROW_ORDER = ("supervised", "semi", "full")
 README_BEGIN = "<!-- cacnb-results:begin -->"
 README_END = "<!-- cacnb-results:end -->"
+
+
+def readme_markers(block: Optional[str] = None) -> tuple[str, str]:
+    """The marker lines of a README block: the study's (``block=None``) or a named one, e.g. ``demo``."""
+    if block is None:
+        return README_BEGIN, README_END
+    return f"<!-- cacnb-results:{block}:begin -->", f"<!-- cacnb-results:{block}:end -->"
 LEVEL = 0.95
 
 
@@ -385,19 +392,20 @@ def write_results_md(sweep_dir: "str | Path", level: float = LEVEL) -> Path:
     return path
 
 
-def paste_into_readme(results_md: "str | Path", readme: "str | Path") -> Path:
-    """Replace what lies between the README's result markers by ``results.md`` (its title dropped, its ``##``
-    headings made ``####`` to sit under the README's own section), atomically. A README without both markers
-    is an error naming them."""
+def paste_into_readme(results_md: "str | Path", readme: "str | Path", block: Optional[str] = None) -> Path:
+    """Replace what lies between the README's result markers (:func:`readme_markers` of ``block``) by
+    ``results.md`` (its title dropped, its ``##`` headings made ``####`` to sit under the README's own section),
+    atomically. A README without both markers is an error naming them."""
     readme = Path(readme)
     text = readme.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
+    first, last = readme_markers(block)
+    begin, end = text.find(first), text.find(last)
     if begin < 0 or end < begin:
-        raise ValueError(f"{readme} has no '{README_BEGIN}' ... '{README_END}' block; add both marker lines where "
+        raise ValueError(f"{readme} has no '{first}' ... '{last}' block; add both marker lines where "
                          f"the results table belongs")
     body = Path(results_md).read_text().splitlines()
     body = [("##" + line if line.startswith("## ") else line) for line in body if not line.startswith("# ")]
-    block = README_BEGIN + "\n" + "\n".join(body).strip("\n") + "\n"
+    block = first + "\n" + "\n".join(body).strip("\n") + "\n"
     atomic_write_text(readme, text[:begin] + block + text[end:])
     return readme
 
@@ -407,12 +415,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 description="Rewrite a sweep's results.md (and optionally paste it into a README).")
     p.add_argument("sweep_dir", help="the --out folder of `python -m cacnb.sweep`")
     p.add_argument("--readme", default=None, help="also paste the table into this README between its markers")
+    p.add_argument("--block", default=None, help="paste into the named block (<!-- cacnb-results:NAME:begin -->) "
+                                                 "instead of the study's, e.g. --block demo")
     args = p.parse_args(argv)
     try:
         path = write_results_md(args.sweep_dir)
         print(f"wrote {path}")
         if args.readme:
-            print(f"pasted into {paste_into_readme(path, args.readme)}")
+            print(f"pasted into {paste_into_readme(path, args.readme, args.block)}")
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"cacnb.results: error: {e}", file=sys.stderr)
         return 2

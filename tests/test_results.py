@@ -158,3 +158,19 @@ def test_notebook_06_shows_the_tables_and_figures(sweep_dir, tmp_path):
     text = out.read_text()
     assert "semi − supervised" in text and "interval excludes 0" in text and "image/png" in text
     assert "| bg |" in text
+
+
+def test_named_block_is_pasted_and_the_study_block_left_alone(tmp_path):
+    from cacnb.results import paste_into_readme, readme_markers
+
+    results = tmp_path / "results.md"
+    results.write_text("# Sweep results\n\nnew demo table\n")
+    first, last = readme_markers("demo")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\nstudy table\n{README_END}\n{first}\nold\n{last}\n")
+    paste_into_readme(results, readme, block="demo")
+    text = readme.read_text()
+    assert "study table" in text and "new demo table" in text and "old" not in text
+    with pytest.raises(ValueError, match="cacnb-results:other:begin"):
+        paste_into_readme(results, readme, block="other")
+

@@ -31,7 +31,7 @@ def _files(cfg, which: str) -> SegFiles:
     split_files = splits.resolve_splits(cfg)
     pairs = splits.read_split(getattr(split_files, which))
     files_type = CityscapesFiles if cfg.dataset == "cityscapes" else SegFiles
-    return files_type(root, pairs)
+    return files_type(root, pairs, num_classes=cfg.num_classes, ignore_index=cfg.ignore_index)
 
 
 def build_labeled_dataset(data_cfg) -> LabeledDataset:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
 from typing import Iterator
 
 import torch
@@ -65,6 +66,13 @@ class InfiniteSampler(Sampler):
             pass_index, skip = pass_index + 1, 0
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn``: workers ignore SIGTERM / SIGINT sent to the whole process group (Ctrl-C, ``kill -TERM
+    -pgid``), so the trainer can finish its step and save (see cacnb.interrupts); they exit when it does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 0, start: int = 0, pin_memory: bool | None = None,
                       prefetch_factor: int | None = None) -> DataLoader:
@@ -81,4 +89,4 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int
         extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor or 2}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(mix_seed(seed, rank, -1)),
-                      **extra)
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None, **extra)

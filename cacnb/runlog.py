@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 import torch
 
 from .config import atomic_write_text
+from .paths import storage_error
 
 
 def environment(world_size: int) -> dict:
@@ -78,9 +79,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_clean(record)) + "\n")
+                f.flush()
+        except OSError as e:  # a full disk or a file system gone read-only: one line naming the file
+            raise storage_error(self.path, e) from e
 
     def truncate_after(self, iteration: int, drop_val_at_end: bool = False) -> None:
         """On resume, drop lines logged after the checkpoint so the log matches the restored state, and any

@@ -207,8 +207,11 @@ class Trainer:
                           f"restart, so the continuation is valid but not bit-identical")
         # last.pt is written before an epoch's validation: if the run stopped before (or during) it, validate
         # first; a val line it may have logged goes, so metrics.jsonl gets exactly one
-        self.pending_val = self.iteration % self.cfg.train.iters_per_epoch == 0 and self._val_due()
-        self.log.truncate_after(self.iteration, drop_val_at_end=self.pending_val)
+        validated = any(h.get("iter") == self.iteration for h in self.history)
+        at_epoch_end = self.iteration % self.cfg.train.iters_per_epoch == 0
+        self.pending_val = at_epoch_end and self._val_due() and not validated
+        if self.iteration < self.end or self.pending_val:  # a complete run's log (and final line) stays as is
+            self.log.truncate_after(self.iteration, drop_val_at_end=self.pending_val)
         if self.main:
             print(f"[cacnb] resumed from {path} at iteration {self.iteration}/{self.end}", flush=True)
 
@@ -575,10 +578,16 @@ USER_ERRORS = _user_errors()
 def report(kind: str, message: str) -> None:
     """One error block on stderr; every line carries the rank so :mod:`cacnb.launch` can show the failing rank's
     own message first, even among other ranks' output."""
-    tag = f"cacnb.train[rank {dist.get_rank()}]" if dist.get_world_size() > 1 else "cacnb.train"
+    rank, world = _launch_rank()
+    tag = f"cacnb.train[rank {rank}]" if world > 1 else "cacnb.train"
     lines = str(message).rstrip().splitlines() or [""]
     print("\n".join([f"{tag}: {kind}: {lines[0]}"] + [f"{tag}:   {line}" for line in lines[1:]]),
           file=sys.stderr, flush=True)
+
+
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun set them: still known after the process group is gone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def main(argv=None) -> int:
@@ -598,7 +607,7 @@ def main(argv=None) -> int:
         report("stopped", e)
         return 3
     except Interrupted as e:
-        if dist.get_rank() == 0:
+        if _launch_rank()[0] == 0:
             report("interrupted", e)
         return e.exit_code
     except BaseException as e:  # an unexpected failure: its traceback, tagged with the rank

@@ -80,6 +80,25 @@ def inject(proc: subprocess.Popen, fault: str) -> None:
         pass
 
 
+def strike_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random, total: int,
+                  step_s: float) -> tuple[float, str]:
+    """Wait for a random moment of this start: in one round of five during start-up (a random 0.5-8 s), else
+    when a random iteration still to come is logged, plus a random fraction of a step (which lands in a step,
+    a checkpoint write or a validation). Returns (seconds since the start, what was aimed at)."""
+    tic = time.monotonic()
+    done = logged_iters(run_dir)
+    if rng.random() < 0.2 or (done and done[-1] >= total - 1):
+        wait = rng.uniform(0.5, 8.0)
+        while proc.poll() is None and time.monotonic() - tic < wait:
+            time.sleep(0.05)
+        return time.monotonic() - tic, "during start-up"
+    target = rng.randint((done[-1] if done else 0) + 1, total - 1)
+    while proc.poll() is None and (not logged_iters(run_dir) or logged_iters(run_dir)[-1] < target):
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, step_s))
+    return time.monotonic() - tic, f"after iteration {target}"
+
+
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -138,7 +157,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters", type=int, default=6, help="iterations per epoch")
     p.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one, removed)")
     args = p.parse_args(argv)
@@ -158,6 +177,7 @@ def main(argv=None) -> int:
             print(out[-3000:])
             print("reference run failed")
             return 1
+        step_s = ref_wall / total  # an upper bound: start-up counts too
         print(f"reference: {total} iterations in {ref_wall:.1f} s", flush=True)
 
         cfg = save_config(tiny_config(data, work, "faulty", args.epochs, args.iters), work / "faulty.json")
@@ -165,9 +185,9 @@ def main(argv=None) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         survived = 0
         for round_ in range(1, args.rounds + 1):
-            fault, delay = rng.choice(FAULTS), rng.uniform(1.0, 0.9 * ref_wall)
+            fault = rng.choice(FAULTS)
             proc = start(cfg)
-            time.sleep(delay)
+            delay, moment = strike_moment(proc, run_dir, rng, total, step_s)
             finished = proc.poll() is not None
             if not finished:
                 inject(proc, fault)
@@ -182,8 +202,8 @@ def main(argv=None) -> int:
             elif fault != "kill9" and not finished:
                 note = "signalled during start-up, before its handler was installed"
             survived += ok
-            print(f"round {round_}: {fault} after {delay:.1f} s -> exit {code}, last.pt at {saved}, "
-                  f"{len(logged)} logged{', ' + note if note else ''}: {'ok' if ok else 'FAILED'}", flush=True)
+            print(f"round {round_}: {fault} {moment}, {delay:.1f} s after the start -> exit {code}, last.pt at "
+                  f"{saved}, {len(logged)} logged{', ' + note if note else ''}: {'ok' if ok else 'FAILED'}", flush=True)
             if not ok:
                 print(out[-3000:])
         code, out = finish(start(cfg), 600)  # the final resume runs to the end

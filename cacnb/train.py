@@ -93,8 +93,8 @@ class Trainer:
         self.unsup_start = cfg.loss.epoch_start_unsup * cfg.train.iters_per_epoch if self.semi else None
         self.pending_val = False  # resumed from an epoch end whose validation had not run yet
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
-        self._lock_run_dir()
         try:
+            self._lock_run_dir()
             self._build_data()
             self._build_model()
             self._maybe_resume()
@@ -251,6 +251,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                 window, tic = _Window(), time.perf_counter()
             if stop and self.iteration < self.end:
+                if window.counts:  # the steps since the last log line, so the log covers every saved step
+                    self._log_train(window, lr, time.perf_counter() - tic)
                 bar.close()
                 self._stop_on_signal()
             tic += self._end_of_iteration()

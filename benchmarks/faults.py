@@ -7,7 +7,7 @@ First an uninterrupted reference run. Then the same run again, N times interrupt
 a step, a checkpoint write, a validation) by one of
 
 * ``kill9``: SIGKILL to torchrun and every worker (a node lost, an OOM kill);
-* ``term-all``: SIGTERM to every process (``scancel``, a notebook interrupt forwarded by ``cacnb.launch``);
+* ``term-all``: SIGTERM to torchrun, its ranks and their loader workers (``scancel``, ``kill -TERM``);
 * ``term-agent``: SIGTERM to torchrun only (SLURM's ``--signal=B:TERM``), which forwards it to the workers,
 
 and restarted with the same command each time, which resumes from ``last.pt``. A round survives when the next
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from cacnb.config import load_config, save_config  # noqa: E402
 from cacnb.data.synthetic import make_synthetic_voc  # noqa: E402
-from cacnb.launch import torchrun_command, worker_env  # noqa: E402
+from cacnb.launch import descendants, torchrun_command, worker_env  # noqa: E402
 from cacnb.runlog import read_metrics, split_kinds  # noqa: E402
 
 FAULTS = ("kill9", "term-all", "term-agent")
@@ -56,28 +56,20 @@ def start(config: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def session_pids(proc: subprocess.Popen) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == proc.pid:
-                pids.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return pids
-
-
 def inject(proc: subprocess.Popen, fault: str) -> None:
-    try:
-        if fault == "kill9":
-            os.killpg(proc.pid, signal.SIGKILL)
-        elif fault == "term-all":
-            for pid in session_pids(proc):
-                os.kill(pid, signal.SIGTERM)
-        else:
-            proc.send_signal(signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    """torchrun starts each rank in a session of its own: its process group does not reach them."""
+    everyone = [proc.pid, *descendants(proc.pid)]
+    if fault == "kill9":
+        targets, sig = everyone, signal.SIGKILL
+    elif fault == "term-all":
+        targets, sig = everyone, signal.SIGTERM
+    else:
+        targets, sig = [proc.pid], signal.SIGTERM
+    for pid in targets:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def strike_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random, total: int,
@@ -100,16 +92,19 @@ def strike_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random, tot
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    ranks = descendants(proc.pid)  # now: once torchrun is gone, its orphans can no longer be found
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return -999, out
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # nothing of a killed torchrun may outlive it (orphaned workers)
-    except ProcessLookupError:
-        pass
+    for pid in ranks:  # a killed torchrun leaves its ranks running: nothing may outlive the round
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return proc.returncode, out
 
 

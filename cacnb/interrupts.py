@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Optional
 
+from .data.sampling import mark_stopping
+
 REPEAT_GRACE_S = 2.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -54,11 +56,13 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        mark_stopping(False)
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now
+            mark_stopping()
             name = signal.Signals(signum).name
             print(f"\n[cacnb] {name} received: finishing this step, then saving last.pt and stopping "
                   f"(press Ctrl-C again to quit at once without saving)", file=sys.stderr, flush=True)

@@ -222,33 +222,51 @@ def _pump(stream, out: Output, quiet: bool) -> None:
         out.add(pending.decode("utf-8", "replace") + "\n")
 
 
-def _workers(proc: subprocess.Popen) -> list[int]:
-    """Pids in ``proc``'s session other than ``proc`` itself: the torchrun workers (and their loader workers)."""
-    pids = []
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first), from /proc. torchrun starts each rank in a session of
+    its own, so neither a process group nor a session reaches them."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "(comm)": state ppid ...
+        except (OSError, IndexError, ValueError):
             continue
-        pid, session = int(stat.parent.name), int(fields[3])  # fields after "(comm)": state ppid pgrp session
-        if session == proc.pid and pid != proc.pid:
-            pids.append(pid)
-    return pids
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo += children.get(child, [])
+    return found
 
 
 def _signal_workers(proc: subprocess.Popen, sig: int) -> None:
-    """``sig`` to the workers only: torchrun would answer a signal of its own by killing them after 30 s. With a
-    single process (no torchrun) or where /proc is missing, the whole session gets it."""
-    targets = _workers(proc) if proc.args[1:3] == ["-m", "torch.distributed.run"] else []
+    """``sig`` to the training processes: the ranks (torchrun's children) under torchrun, which would answer a
+    signal of its own by killing them after 30 s; the whole process group of a single ``cacnb.train``."""
     try:
-        if targets:
-            for pid in targets:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+        if proc.args[1:3] == ["-m", "torch.distributed.run"]:
+            for pid in _children(proc.pid):
+                _kill(pid, sig)
         else:
             os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _children(pid: int) -> list[int]:
+    return [p for p in descendants(pid) if _parent(p) == pid]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
@@ -261,10 +279,8 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(STOP_TIMEOUT_S)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         print("[cacnb] killing the workers", flush=True)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the ranks live in sessions of their own
+        _kill(pid, signal.SIGKILL)
     proc.wait()
 
 

@@ -435,6 +435,7 @@ def test_second_ctrl_c_exits_at_once_but_repeats_do_not(monkeypatch):
     import os
 
     from cacnb import interrupts
+    from cacnb.data import sampling
 
     exits = []
     monkeypatch.setattr(interrupts.os, "_exit", exits.append)
@@ -447,7 +448,41 @@ def test_second_ctrl_c_exits_at_once_but_repeats_do_not(monkeypatch):
         stop._first_at -= interrupts.REPEAT_GRACE_S + 1
         os.kill(os.getpid(), signal.SIGINT)       # a second Ctrl-C by the user
         assert exits == [130]
+        assert sampling._STOPPING.value == 1  # loader workers now outlive a SIGTERM to the process group
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert sampling._STOPPING.value == 0
+
+
+def test_loader_workers_survive_a_group_sigterm_only_while_the_trainer_stops(tmp_path):
+    """In a subprocess: a dying loader worker makes torch raise in its parent."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys, time, torch
+from cacnb.data import sampling
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, key):  # key: (index, sample seed)
+        return torch.tensor(float(key[0]))
+loader = iter(sampling.make_train_loader(Items(), 2, seed=0, num_workers=1))
+next(loader)
+worker = loader._workers[0]
+if sys.argv[1] == "stopping":
+    sampling.mark_stopping()
+os.kill(worker.pid, signal.SIGTERM)
+try:
+    time.sleep(1.5)
+    print("alive" if worker.is_alive() else "dead", flush=True)
+except RuntimeError:  # torch's SIGCHLD handler: "DataLoader worker ... is killed by signal"
+    print("dead", flush=True)
+os._exit(0)
+"""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+    outs = [subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=60,
+                           env=env).stdout.strip() for mode in ("stopping", "not-stopping")]
+    assert outs == ["alive", "dead"]
 
 
 # -- item 15: the failing rank's own error first ----------------------------------------------------------------

@@ -72,11 +72,12 @@ def inject(proc: subprocess.Popen, fault: str) -> None:
             pass
 
 
-def strike_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random, total: int,
-                  step_s: float) -> tuple[float, str]:
+def strike_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random, total: int, step_s: float,
+                  rounds_left: int) -> tuple[float, str]:
     """Wait for a random moment of this start: in one round of five during start-up (a random 0.5-8 s), else
-    when a random iteration still to come is logged, plus a random fraction of a step (which lands in a step,
-    a checkpoint write or a validation). Returns (seconds since the start, what was aimed at)."""
+    when a random iteration still to come is logged (drawn from this round's share of what is left, so that
+    every round interrupts real work), plus a random fraction of a step (which lands in a step, a checkpoint
+    write or a validation). Returns (seconds since the start, what was aimed at)."""
     tic = time.monotonic()
     done = logged_iters(run_dir)
     if rng.random() < 0.2 or (done and done[-1] >= total - 1):
@@ -84,7 +85,8 @@ def strike_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random, tot
         while proc.poll() is None and time.monotonic() - tic < wait:
             time.sleep(0.05)
         return time.monotonic() - tic, "during start-up"
-    target = rng.randint((done[-1] if done else 0) + 1, total - 1)
+    base = done[-1] if done else 0
+    target = rng.randint(base + 1, base + max(1, (total - 1 - base) // max(1, rounds_left)))
     while proc.poll() is None and (not logged_iters(run_dir) or logged_iters(run_dir)[-1] < target):
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, step_s))
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
         for round_ in range(1, args.rounds + 1):
             fault = rng.choice(FAULTS)
             proc = start(cfg)
-            delay, moment = strike_moment(proc, run_dir, rng, total, step_s)
+            delay, moment = strike_moment(proc, run_dir, rng, total, step_s, args.rounds - round_ + 1)
             finished = proc.poll() is not None
             if not finished:
                 inject(proc, fault)
@@ -194,6 +196,8 @@ def main(argv=None) -> int:
             elif fault != "kill9" and not finished and "interrupted: stopped by a signal" in out:
                 ok &= bool(logged) and saved == logged[-1]  # SIGTERM: the step it stopped at is saved
                 note = "saved the step it stopped at" if ok else "did NOT save the step it stopped at"
+            elif fault != "kill9" and not finished and logged and logged[-1] == total:
+                note = "signalled after the last step"
             elif fault != "kill9" and not finished:
                 note = "signalled during start-up, before its handler was installed"
             survived += ok

@@ -15,7 +15,7 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -50,6 +50,10 @@ FORMAT = "cacnb-checkpoint"
 
 class CheckpointError(RuntimeError):
     """A weights file does not fit the model (keys or shapes); the message says which and what to change."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file does not unpickle at all: truncated, overwritten, or not a torch checkpoint."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -98,12 +102,31 @@ def _unpickling_error(path: Path, message: str) -> CheckpointError:
         # keep only torch's diagnosis: the rest of its message suggests weights_only=False, which we never want
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
         reason = detail.group(1).strip() if detail else message.strip().splitlines()[0]
-        return CheckpointError(f"{path} is corrupt or not a torch checkpoint (unpickling failed: {reason})")
+        return CorruptCheckpointError(f"{path} is corrupt or not a torch checkpoint (unpickling failed: "
+                                      f"{reason})")
     offender = found.group(1) if found else "an unsupported object"
     return UnsafeCheckpointError(
         f"{path} holds arbitrary pickled objects ({offender}), which cacnb refuses to unpickle because "
         "loading them could run code. Only tensors, plain containers and numpy scalars are read. If you made "
         "this file and trust it, re-save just its state dict: torch.save({'state_dict': sd}, path).")
+
+
+def first_nonfinite(state: Mapping[str, Any]) -> Optional[str]:
+    """Name of the first floating-point tensor (weight or buffer, e.g. BatchNorm running statistics) of a state
+    dict holding NaN or Inf, else None."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
+def check_finite_state(state: Mapping[str, Any], source: str) -> None:
+    """Refuse weights or buffers that are not finite: the model would predict garbage (or one class)."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"{source} holds non-finite values (NaN/Inf) in {bad!r}: the run diverged before "
+                              f"it was saved. Use an earlier checkpoint of the run, or retrain with a lower "
+                              f"optim.lr")
 
 
 # ---------------------------------------------------------------------------------------------------------------

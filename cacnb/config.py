@@ -142,6 +142,7 @@ class Config:
         _check_choice("loss.precision", self.loss.precision, PRECISIONS)
         _check_choice("train.eval_mode", self.train.eval_mode, EVAL_MODES)
         _check_choice("data.synthetic_style", self.data.synthetic_style, SYNTHETIC_STYLES)
+        _check_ranges(self)  # first: the checks below divide by some of these
         if self.model.output_stride not in (8, 16):
             raise ConfigError(f"model.output_stride must be 8 or 16, got {self.model.output_stride}")
         if self.data.crop_size % self.data.stride:
@@ -151,9 +152,6 @@ class Config:
         lo, hi = self.data.iou_bound
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"data.iou_bound must satisfy 0 <= lo <= hi <= 1, got {self.data.iou_bound}")
-        for key in ("train.batch_size", "train.batch_size_unsup", "train.epochs", "train.iters_per_epoch"):
-            if get_key(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {get_key(self, key)}")
         return self
 
     @property
@@ -161,6 +159,78 @@ class Config:
         """``<out_dir>/<run_name>``, by default ``<out_dir>/<config name>_<mode>``, so a CAC run and its supervised
         baseline never share a run dir (and never resume each other's checkpoints)."""
         return Path(self.train.out_dir) / (self.train.run_name or f"{self.name}_{self.train.mode}")
+
+
+def _at_least(lo: float) -> typing.Callable[[Any], bool]:
+    return lambda v: v >= lo
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _unit(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _interval(v: Any) -> bool:
+    return 0.0 < v[0] <= v[1]
+
+
+def _optional(check: typing.Callable[[Any], bool]) -> typing.Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+# (key, predicate, allowed range as the error message states it); NaN fails every predicate. One row per numeric
+# key, so a new key gets its check here and nowhere else.
+NUMERIC_RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
+    ("data.n_labeled", _at_least(1), ">= 1"),
+    ("data.split_seed", _at_least(0), ">= 0"),
+    ("data.num_classes", lambda v: 1 <= v <= 255, "1..255 (class ids are 8-bit, 255 is the ignore label)"),
+    ("data.ignore_index", lambda v: 0 <= v <= 255, "0..255"),
+    ("data.base_size", _at_least(1), ">= 1 pixel"),
+    ("data.crop_size", _at_least(1), ">= 1 pixel"),
+    ("data.scale_range", _interval, "0 < low <= high"),
+    ("data.pair_scale_range", _interval, "0 < low <= high"),
+    ("data.stride", _at_least(1), ">= 1 pixel"),
+    ("data.num_workers", _at_least(0), ">= 0 (0: load in the training process)"),
+    ("data.val_max_images", _optional(_at_least(1)), ">= 1, or null for all"),
+    ("data.synthetic_train", _at_least(1), ">= 1"),
+    ("data.synthetic_val", _at_least(1), ">= 1"),
+    ("data.synthetic_test", _at_least(0), ">= 0 (0: no test split)"),
+    ("data.datalist", _optional(_at_least(0)), ">= 0 (the paper's lists 0, 1, 2), or null for a seeded split"),
+    ("model.proj_dim", _at_least(1), ">= 1"),
+    ("loss.weight_unsup", _at_least(0.0), ">= 0"),
+    ("loss.temperature", _positive, "> 0 (the paper uses 0.1)"),
+    ("loss.pos_thresh", _unit, "0..1 (a confidence)"),
+    ("loss.selected_num", _at_least(1), ">= 1"),
+    ("loss.step_save", _at_least(0), ">= 0"),
+    ("loss.epoch_start_unsup", _at_least(0), ">= 0"),
+    ("loss.neg_total", _optional(_at_least(1)), ">= 1, or null for selected_num per crop"),
+    ("loss.paper_n_gpu", _optional(_at_least(1)), ">= 1, or null for the official per-process rule"),
+    ("loss.chunk_size", _at_least(1), ">= 1"),
+    ("optim.lr", _positive, "> 0"),
+    ("optim.momentum", lambda v: 0.0 <= v < 1.0, "0 <= momentum < 1"),
+    ("optim.weight_decay", _at_least(0.0), ">= 0"),
+    ("optim.backbone_lr_mult", _at_least(0.0), ">= 0"),
+    ("optim.poly_power", _at_least(0.0), ">= 0"),
+    ("train.epochs", _at_least(1), ">= 1"),
+    ("train.iters_per_epoch", _at_least(1), ">= 1"),
+    ("train.batch_size", _at_least(1), ">= 1"),
+    ("train.batch_size_unsup", _at_least(1), ">= 1"),
+    ("train.seed", _at_least(0), ">= 0"),
+    ("train.log_every", _at_least(1), ">= 1 iteration"),
+    ("train.val_every", _at_least(0), ">= 0 epochs (0: never)"),
+    ("train.ckpt_every", _at_least(0), ">= 0 iterations (0: at epoch ends only)"),
+    ("train.max_iters", _optional(_at_least(1)), ">= 1, or null for the whole schedule"),
+)
+
+
+def _check_ranges(cfg: "Config") -> None:
+    for key, ok, allowed in NUMERIC_RANGES:
+        value = get_key(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
 def _check_choice(key: str, value: Any, choices: Iterable[str]) -> None:
@@ -174,8 +244,6 @@ def check_paper_settings(cfg: "Config") -> None:
         raise ConfigError(f"data.stride must be {FEATURE_STRIDE}, the stride of the features CAC compares (decoder "
                           f"stride 4, 2x2 average pooled), got {cfg.data.stride}: the pair offsets and overlap "
                           f"boxes are cut on that grid, and any other value gathers the wrong feature cells")
-    if cfg.loss.paper_n_gpu is not None and cfg.loss.paper_n_gpu < 1:
-        raise ConfigError(f"loss.paper_n_gpu must be >= 1 or null, got {cfg.loss.paper_n_gpu}")
     if cfg.data.datalist is not None and not cfg.data.split_dir:
         from .data import official  # lazy: cacnb.data imports this module
 

@@ -296,7 +296,11 @@ def checkpoint_mismatch(path, cfg) -> Optional[str]:
 
 
 def load_for_eval(cfg, checkpoint, device) -> torch.nn.Module:
-    """Build the model of ``cfg`` and load ``checkpoint`` (ours or official) into it, with a mismatch hint."""
+    """Build the model of ``cfg`` and load ``checkpoint`` (ours or official) into it, with a mismatch hint.
+
+    A file that is unsafe to unpickle or corrupt is refused with that reason first; weights or buffers holding
+    NaN/Inf (a diverged run) are refused naming the tensor."""
+    from cacnb.checkpoint_io import CorruptCheckpointError, UnsafeCheckpointError, check_finite_state
     from cacnb.model import build_model, load_checkpoint
     from cacnb.paths import resolve
 
@@ -308,12 +312,15 @@ def load_for_eval(cfg, checkpoint, device) -> torch.nn.Module:
         model = build_model(cfg)
     try:
         load_checkpoint(model, path)
+    except (UnsafeCheckpointError, CorruptCheckpointError):
+        raise  # about the file itself, not the model: its message leads
     except Exception as e:
         why = checkpoint_mismatch(path, cfg)
         hint = f" ({why})" if why else ""
         raise ValueError(f"checkpoint {path} does not fit the model of config {cfg.name!r}{hint}. Pass the config "
                          f"the checkpoint was trained with (its run dir's config.json), or fix the setting with "
                          f"--set.\nLoader said: {e}") from e
+    check_finite_state(model.state_dict(), f"checkpoint {path}")
     return model.to(device)
 
 
@@ -476,11 +483,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry: user errors (missing files, bad config or checkpoint) print one message, exit code 2."""
+    from cacnb.checkpoint_io import CheckpointError
     from cacnb.data.errors import DatasetError
 
     try:
         run(argv)
-    except (FileNotFoundError, ValueError, DatasetError) as err:
+    except (FileNotFoundError, ValueError, DatasetError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,7 @@ import torch
 
 from . import style
 from .config import ConfigError, atomic_write_text
+from .paths import storage_error
 
 
 def environment(world_size: int) -> dict:
@@ -81,15 +82,27 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_clean(record)) + "\n")
+                f.flush()
+        except OSError as e:  # a full disk or a file system gone read-only: one line naming the file
+            raise storage_error(self.path, e) from e
 
-    def truncate_after(self, iteration: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the log matches the restored state."""
+    def truncate_after(self, iteration: int, drop_val_at_end: bool = False) -> None:
+        """On resume, drop lines logged after the checkpoint so the log matches the restored state, and any
+        repeated (kind, iter) line. ``drop_val_at_end``: the val line at ``iteration`` goes too (that validation
+        runs again after the resume)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in read_metrics(self.path) if r.get("iter", 0) <= iteration and r.get("kind") != "final"]
+        keep, seen = [], set()
+        for r in read_metrics(self.path):
+            key = (r.get("kind"), r.get("iter", 0))
+            late = r.get("iter", 0) > iteration or (drop_val_at_end and key == ("val", iteration))
+            if late or key[0] == "final" or key in seen:
+                continue
+            seen.add(key)
+            keep.append(r)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 

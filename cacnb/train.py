@@ -6,8 +6,14 @@ The same command runs as one process (CPU or one GPU) and unchanged under torchr
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
              -m cacnb.train --config voc_r101_1323
 
-Batch sizes in the config are global; each rank takes ``batch / world_size``. Rank 0 writes the run dir.
-A run dir that already holds ``last.pt`` resumes from it, so re-running a notebook continues the run.
+Batch sizes in the config are global; each rank takes ``batch / world_size``. Rank 0 writes the run dir, under
+an exclusive lock (a second run started into the same dir exits with code 2 naming the holder).
+A run dir that already holds ``last.pt`` resumes from it, so re-running a notebook continues the run; a changed
+model, data or split setting is refused unless ``--force``. SIGTERM / SIGINT (SLURM preemption, Ctrl-C) finish the
+current step, save ``last.pt`` and exit with code 128 + signal; a second Ctrl-C exits at once.
+
+Exit codes: 0 done, 2 bad input (config, data, checkpoint, run dir in use, storage), 3 diverged (NaN/Inf),
+130 / 143 stopped by SIGINT / SIGTERM after saving.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -26,8 +33,11 @@ import torch
 from . import dist
 from .config import (PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config, per_rank_batch,
                      save_config, valid_keys)
+from .checkpoint_io import first_nonfinite
 from .engine import (build_optimizer, first_bad_term, load_training_checkpoint, make_checkpoint, rng_state,
                      save_checkpoint, set_lr, set_rng_state, train_step, unwrap)
+from .interrupts import GracefulStop, Interrupted
+from .paths import RunDirLock, RunDirLocked, StorageError, remove_stale_temporaries, resolve
 from .runlog import MetricsLog, ScalarWriter, environment
 
 
@@ -35,14 +45,27 @@ class TrainingDiverged(FloatingPointError):
     """A loss term became NaN or Inf; the last good checkpoint is kept."""
 
 
-def train(cfg: "Config | str", overrides=None) -> Path:
-    """Run training for ``cfg`` (a Config, preset name or JSON path) and return the run dir."""
+class PeerFailed(RuntimeError):
+    """Rank 0 refused to start (its own error says why); the other ranks stop quietly with the same exit code."""
+
+
+def train(cfg: "Config | str", overrides=None, *, force: bool = False, make_synthetic: bool = False) -> Path:
+    """Run training for ``cfg`` (a Config, preset name or JSON path) and return the run dir.
+
+    ``force`` resumes even though a run-defining key (model, data, split) changed since the checkpoint;
+    ``make_synthetic`` writes the synthetic dataset at a ``data.data_dir`` other than the preset's default.
+    """
     cfg = load_config(cfg, overrides)
     device = dist.init_from_env(timeout_s=float(os.environ.get("CACNB_DIST_TIMEOUT", 600)))
     if not dist.is_main():  # every rank would repeat rank 0's warnings (same config, same data)
         warnings.simplefilter("ignore")
     try:
-        return Trainer(cfg, device).run()
+        with GracefulStop() as stop:
+            trainer = Trainer(cfg, device, force=force, make_synthetic=make_synthetic, stop=stop)
+            try:
+                return trainer.run()
+            finally:
+                trainer.close()
     finally:
         dist.cleanup()
 
@@ -50,8 +73,12 @@ def train(cfg: "Config | str", overrides=None) -> Path:
 class Trainer:
     """Holds one run's state. ``run()`` trains from the current iteration to the end (or ``train.max_iters``)."""
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, *, force: bool = False, make_synthetic: bool = False,
+                 stop: Optional[GracefulStop] = None):
         self.cfg = absolute_paths(cfg)
+        self.force, self.make_synthetic = force, make_synthetic
+        self.stop = stop or GracefulStop()
+        self.lock: Optional[RunDirLock] = None
         self.device = device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = dist.is_main()
@@ -66,35 +93,64 @@ class Trainer:
         self.end = min(self.total, cfg.train.max_iters) if cfg.train.max_iters else self.total
         self.semi = cfg.train.mode == "semi"
         self.unsup_start = cfg.loss.epoch_start_unsup * cfg.train.iters_per_epoch if self.semi else None
-        self._prepare_run_dir()
-        self._build_data()
-        self._build_model()
-        self._maybe_resume()
+        self.pending_val = False  # resumed from an epoch end whose validation had not run yet
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        try:
+            self._lock_run_dir()
+            self._build_data()
+            self._build_model()
+            self._maybe_resume()
+            self._write_run_files()  # only once every check passed: a refused start changes nothing
+        except BaseException:
+            self.close()
+            raise
         # after the resume, so steps logged past the checkpoint by a crashed run are purged, not duplicated
         self.tb = ScalarWriter(self.run_dir, enabled=self.main and cfg.train.tensorboard, start=self.iteration)
 
+    def close(self) -> None:
+        """Release the run dir lock (the kernel also drops it if the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     # -- setup ---------------------------------------------------------------------------------------------------
 
-    def _prepare_run_dir(self) -> None:
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run dir's lock and removes temporaries a killed run left; every rank learns the
+        outcome, so a refusal stops them all instead of leaving them waiting in a collective."""
+        def take():
+            self.lock = RunDirLock(self.run_dir).acquire()
+            for tmp in remove_stale_temporaries(self.run_dir):
+                print(f"[cacnb] removed {tmp.name}, left half-written by an earlier run that was killed", flush=True)
+
+        rank0_decides(take)
+
+    def _write_run_files(self) -> None:
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.json")
             atomic_write_text(self.run_dir / "env.json", json.dumps(environment(self.world), indent=2) + "\n")
         dist.barrier()
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
 
     def _build_data(self) -> None:
         from .data import build_labeled_dataset, build_pair_dataset, build_val_dataset
         from .data.splits import resolve_splits
+        from .data.validate import check_split_lists, run_split_lists
 
         data = self.cfg.data
-        if self.main:  # rank 0 writes what is missing (synthetic set, generated splits); the others wait
-            ensure_dataset(self.cfg)
-            resolve_splits(data)
-        dist.barrier()
+        # rank 0 writes what is missing (synthetic set, generated splits); the others wait for its verdict
+        rank0_decides(lambda: (ensure_dataset(self.cfg, self.make_synthetic), resolve_splits(data)))
+        check_split_lists(run_split_lists(resolve_splits(data)))
         self.labeled = build_labeled_dataset(data, all_train=self.cfg.train.mode == "full")
         self.pairs = build_pair_dataset(data) if self.semi else None
         self.val = build_val_dataset(data) if self.cfg.train.val_every else None
+        self._read_first_samples()
+
+    def _read_first_samples(self) -> None:
+        """Fail in seconds, not at the end of epoch 1: read one labeled, one unlabeled and the first val sample
+        (image, label, size and class ids: the checks every later read makes)."""
+        for dataset in (self.labeled, self.pairs, self.val):
+            if dataset is not None:
+                dataset.files.read(0)
 
     def _build_model(self) -> None:
         from .loss import FeatureBank
@@ -140,7 +196,7 @@ class Trainer:
             raise FileNotFoundError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: the run dir "
                                     f"must be on a file system that every node shares")
         state = load_training_checkpoint(path)
-        _check_same_run(state.get("config") or {}, self.cfg, path)
+        _check_same_run(state.get("config") or {}, self.cfg, path, force=self.force)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("bank") is not None:
@@ -154,13 +210,24 @@ class Trainer:
         else:
             warnings.warn(f"{path} was written by {len(rngs)} rank(s), this run has {self.world}: RNG streams "
                           f"restart, so the continuation is valid but not bit-identical")
-        self.log.truncate_after(self.iteration)
+        # last.pt is written before an epoch's validation: if the run stopped before (or during) it, validate
+        # first; a val line it may have logged goes, so metrics.jsonl gets exactly one
+        validated = any(h.get("iter") == self.iteration for h in self.history)
+        at_epoch_end = self.iteration % self.cfg.train.iters_per_epoch == 0
+        self.pending_val = at_epoch_end and self._val_due() and not validated
+        if self.iteration < self.end or self.pending_val:  # a complete run's log (and final line) stays as is
+            self.log.truncate_after(self.iteration, drop_val_at_end=self.pending_val)
         if self.main:
             print(f"[cacnb] resumed from {path} at iteration {self.iteration}/{self.end}", flush=True)
 
     # -- loop ----------------------------------------------------------------------------------------------------
 
     def run(self) -> Path:
+        if self.pending_val and self.iteration >= self.end:  # stopped between the last save and validation
+            self._maybe_validate()
+            self._save("last.pt")
+            self._finish()
+            return self.run_dir
         if self.iteration >= self.end:
             if self.main:
                 print(f"[cacnb] {self.run_dir} is already complete ({self.iteration} iterations)", flush=True)
@@ -171,6 +238,8 @@ class Trainer:
         loader_u = None
         bar = tqdm(total=self.end, initial=self.iteration, disable=not self.main, desc=self.run_dir.name,
                    dynamic_ncols=True, mininterval=float(os.environ.get("CACNB_TQDM_INTERVAL", 1.0)))
+        if self.pending_val:
+            self._maybe_validate()
         window, tic = _Window(), time.perf_counter()
         self.net.train()
         while self.iteration < self.end:
@@ -180,7 +249,7 @@ class Trainer:
                     self.net = self._wrap(self.model, unsup_active=True)  # every parameter is used from now on
                 loader_u = self._loader(self.pairs, self.batch_u, self.cfg.train.seed + 1,
                                         self.iteration - self.unsup_start)
-            result, lr = self._step(next(loader_l), next(loader_u) if use_unsup else None)
+            result, lr, stop = self._step(next(loader_l), next(loader_u) if use_unsup else None)
             window.add(result, self.batch_l + (2 * self.batch_u if use_unsup else 0))
             self.iteration += 1
             bar.update(1)
@@ -188,6 +257,11 @@ class Trainer:
                 record = self._log_train(window, lr, time.perf_counter() - tic)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                 window, tic = _Window(), time.perf_counter()
+            if stop and self.iteration < self.end:
+                if window.counts:  # the steps since the last log line, so the log covers every saved step
+                    self._log_train(window, lr, time.perf_counter() - tic)
+                bar.close()
+                self._stop_on_signal()
             tic += self._end_of_iteration()
         bar.close()
         self._finish()
@@ -204,21 +278,33 @@ class Trainer:
         amp = self.cfg.train.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             result = train_step(self.net, batch_l, batch_u, self.cfg, bank=self.bank, generator=self.generator)
-        self._check_finite(result)
+        stop = self._check_finite(result)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         self.optimizer.step()
-        return result, lr
+        return result, lr, stop
 
-    def _check_finite(self, result) -> None:
+    def _check_finite(self, result) -> bool:
+        """Raise when any rank's loss is not finite; return whether any rank was asked to stop (a signal).
+
+        Both flags travel in one all-reduce: the step's only host sync besides logging."""
         bad = first_bad_term(result)
-        flag = dist.all_reduce_sum(torch.tensor([1.0 if bad else 0.0], device=self.device))
-        if flag.item() > 0:
+        flags = torch.tensor([1.0 if bad else 0.0, 1.0 if self.stop.requested else 0.0], device=self.device)
+        flag, stop = dist.all_reduce_sum(flags).tolist()
+        if flag > 0:
             where = f"loss term {bad!r}" if bad else "another rank's loss"
             last = self.run_dir / "last.pt"
             kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(f"iteration {self.iteration}: {where} is not finite (NaN/Inf); training "
                                    f"stopped and {kept}. Lower optim.lr or check the data.")
+        return stop > 0
+
+    def _stop_on_signal(self) -> None:
+        """Every rank agreed to stop after this step: save (rank 0 writes) and leave with the signal's code."""
+        self._save("last.pt")
+        signum = self.stop.signum or 15  # a rank that got no signal itself stops with SIGTERM's code
+        raise Interrupted(f"stopped by a signal at iteration {self.iteration}/{self.end}; saved "
+                          f"{self.run_dir / 'last.pt'}. Run the same command again to resume.", signum)
 
     def _log_train(self, window: "_Window", lr: float, seconds: float) -> dict:
         record = {"kind": "train", "iter": self.iteration, "epoch": self._epoch(), "lr": lr}
@@ -236,16 +322,23 @@ class Trainer:
         tic = time.perf_counter()
         ipe, every = self.cfg.train.iters_per_epoch, self.cfg.train.ckpt_every
         if self.iteration % ipe == 0:
+            self._save("last.pt")  # first: a crash in validation must not cost the epoch (resume validates)
             self._maybe_validate()
-            self._save("last.pt")
+            if self.iteration == self.end and self._val_due():
+                self._save("last.pt")  # the finished run's checkpoint carries its last validation
         elif self.iteration == self.end or (every and self.iteration % every == 0):
             self._save("last.pt")  # a train.max_iters stop mid-epoch: checkpoint, validate at epoch ends only
         return time.perf_counter() - tic
 
-    def _maybe_validate(self) -> None:
+    def _val_due(self) -> bool:
+        """Validation runs at the end of every ``val_every``-th epoch and of the schedule."""
         every = self.cfg.train.val_every
         epoch = self._epoch() + 1
-        if not every or self.val is None or (epoch % every and self.iteration != self.total):
+        return bool(every) and self.val is not None and (epoch % every == 0 or self.iteration == self.total)
+
+    def _maybe_validate(self) -> None:
+        epoch = self._epoch() + 1
+        if not self._val_due():
             return
         from .evaluate import evaluate
 
@@ -276,10 +369,12 @@ class Trainer:
         save_checkpoint(state, self.run_dir / name)
 
     def _check_finite_weights(self) -> None:
-        """A finite loss can still produce inf gradients; never let such weights overwrite the last checkpoint."""
-        bad = any(not torch.isfinite(p).all() for p in self.model.parameters())
-        if dist.all_reduce_sum(torch.tensor([float(bad)], device=self.device)).item() > 0:
-            raise TrainingDiverged(f"iteration {self.iteration}: the weights are no longer finite (NaN/Inf); "
+        """A finite loss can still produce inf gradients or BatchNorm statistics; never let such weights or
+        buffers overwrite the last checkpoint."""
+        bad = first_nonfinite(self.model.state_dict())
+        if dist.all_reduce_sum(torch.tensor([float(bad is not None)], device=self.device)).item() > 0:
+            what = f"tensor {bad!r}" if bad else "another rank's weights"
+            raise TrainingDiverged(f"iteration {self.iteration}: {what} is no longer finite (NaN/Inf); "
                                    f"training stopped before saving, so {self.run_dir / 'last.pt'} still holds "
                                    f"the last good state. Lower optim.lr or check the data.")
 
@@ -335,23 +430,63 @@ def _check_batchnorm_batch(cfg: Config, per_rank: int, world: int, device: torch
                           f"global batch of at least {2 * world}, or GPUs with model.sync_bn=true")
 
 
-RUN_DEFINING_KEYS = ("train.mode", "model.backbone", "model.output_stride", "model.proj_dim", "data.num_classes",
-                     "data.dataset")
+# keys whose change makes the checkpoint another run's: its weights or its meaning do not carry over
+DIFFERENT_RUN_KEYS = ("train.mode", "model.backbone", "model.output_stride", "model.proj_dim", "data.num_classes",
+                      "data.dataset")
+# keys whose change breaks the continuation (other data, another split, other crops or data order): refused
+# unless --force
+RUN_DEFINING_KEYS = ("data.data_dir", "data.n_labeled", "data.split_seed", "data.split_dir", "data.ignore_index",
+                     "data.crop_size", "data.base_size", "data.scale_range", "data.pair_scale_range",
+                     "data.iou_bound", "data.stride", "train.iters_per_epoch", "train.batch_size",
+                     "train.batch_size_unsup", "train.seed", "loss.epoch_start_unsup")
+# keys that may change on resume without comment
+RESUME_FREE_KEYS = ("train.resume", "train.max_iters", "data.num_workers", "data.val_max_images", "train.compile",
+                    "train.log_every", "model.pretrained")
 
 
-def _check_same_run(saved: dict, cfg: Config, path) -> None:
-    """Refuse to resume a checkpoint of a different run (another mode, backbone, ...) in the same run dir."""
+def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """``{key: (saved value, new value)}`` for every key of ``cfg`` that differs from the ``saved`` config dict."""
+    from .config import get_key
+
+    changes = {}
+    for key in valid_keys(cfg):
+        if key == "name" or key in RESUME_FREE_KEYS:
+            continue
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):
+            continue  # written by an older version without this key
+        theirs, ours = saved[section][name], get_key(cfg, key)
+        if isinstance(ours, tuple):
+            theirs = tuple(theirs) if isinstance(theirs, list) else theirs
+        if theirs != ours:
+            changes[key] = (theirs, ours)
+    return changes
+
+
+def _check_same_run(saved: dict, cfg: Config, path, *, force: bool = False) -> None:
+    """Refuse to resume a checkpoint of a different run (another mode, backbone, ...) in the same run dir, or
+    one whose data, split or schedule changed (unless ``force``); report every other changed key."""
     from .checkpoint_io import CheckpointError
 
-    diffs = []
-    for key in RUN_DEFINING_KEYS:
-        section, name = key.split(".")
-        theirs, ours = saved.get(section, {}).get(name), getattr(getattr(cfg, section), name)
-        if theirs is not None and theirs != ours:
-            diffs.append(f"{key} is {theirs!r} there but {ours!r} here")
-    if diffs:
-        raise CheckpointError(f"{path} belongs to a different run ({'; '.join(diffs)}). Choose another "
+    changes = config_changes(saved, cfg)
+    def describe(keys):
+        return "; ".join(f"{k} is {changes[k][0]!r} there but {changes[k][1]!r} here" for k in keys)
+
+    different = [k for k in DIFFERENT_RUN_KEYS if k in changes]
+    if different:
+        raise CheckpointError(f"{path} belongs to a different run ({describe(different)}). Choose another "
                               f"train.run_name or train.out_dir, or move that run away")
+    defining = [k for k in RUN_DEFINING_KEYS if k in changes]
+    if defining and not force:
+        raise CheckpointError(f"{path}: resuming would change the run's data or split ({describe(defining)}), so "
+                              f"the continuation would not be the run it claims to be. Restore the saved "
+                              f"values (its config.json), start a new run (another train.run_name), or pass "
+                              f"--force to resume anyway")
+    rest = [k for k in changes if k not in defining]
+    if (rest or defining) and dist.is_main():
+        forced = f" (--force: {describe(defining)})" if defining else ""
+        print(f"[cacnb] resuming {path} with changed settings: {describe(rest) or 'none other'}{forced}",
+              flush=True)
 
 
 def _check_negatives(cfg: Config, world: int) -> None:
@@ -367,16 +502,51 @@ def _check_negatives(cfg: Config, world: int) -> None:
         print(note, flush=True)
 
 
-def ensure_dataset(cfg: Config) -> None:
-    """The synthetic set is written on first use; real datasets must already be in place."""
+def ensure_dataset(cfg: Config, make_synthetic: bool = False) -> None:
+    """The synthetic set is written on first use at its preset's default ``data.data_dir`` (or anywhere with
+    ``make_synthetic``); elsewhere a missing set is an error, so a mistyped path never trains on fresh data."""
     if cfg.data.dataset != "synthetic":
         return
+    from .data.errors import DatasetError, with_readme
     from .data.synthetic import make_synthetic_for
 
     root = Path(cfg.data.data_dir)
-    if not (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").exists():
-        print(f"[cacnb] writing the synthetic dataset to {root}", flush=True)
-        make_synthetic_for(cfg.data)
+    if (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").exists():
+        return
+    default = default_synthetic_dir(cfg)
+    if not make_synthetic and root.resolve() != default.resolve():
+        raise DatasetError(with_readme(
+            f"data.data_dir={str(root)!r} holds no synthetic dataset. It is generated automatically only at the "
+            f"default {default}. Check the path for a typo; to make one there run `python -m cacnb.data.synthetic "
+            f"--root {root}` (or notebook 00), or pass --make-synthetic to cacnb.train"))
+    print(f"[cacnb] writing the synthetic dataset to {root}", flush=True)
+    make_synthetic_for(cfg.data, root)
+
+
+def default_synthetic_dir(cfg: Config) -> Path:
+    """Where the config's preset (the ``synthetic`` one for a custom config) keeps its synthetic set."""
+    preset = PRESETS.get(cfg.name)
+    base = preset() if preset is not None else None
+    if base is None or base.data.dataset != "synthetic":
+        base = PRESETS["synthetic"]()
+    return resolve(base.data.data_dir)
+
+
+def rank0_decides(action) -> None:
+    """Run ``action`` on rank 0 and let every rank know whether it worked: rank 0 re-raises its error, the other
+    ranks raise :class:`PeerFailed` (instead of waiting in the next collective until the timeout)."""
+    failure = None
+    if dist.is_main():
+        try:
+            action()
+        except USER_ERRORS as e:
+            failure = e
+    verdict = dist.broadcast_object(None if failure is None else type(failure).__name__)
+    if failure is not None:
+        raise failure
+    if verdict is not None:
+        raise PeerFailed(f"rank 0 stopped with {verdict} (its message is above)")
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -386,8 +556,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="typed override, repeatable, e.g. --set train.epochs=2 --set data.data_dir=/data/voc")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (default: <run dir>/last.pt)")
+    p.add_argument("--force", action="store_true",
+                   help="resume even though the data, split or schedule settings changed since the checkpoint")
+    p.add_argument("--make-synthetic", action="store_true",
+                   help="write the synthetic dataset at data.data_dir if it is missing there (by default only "
+                        "at the preset's own data dir)")
     p.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     return p.parse_args(argv)
+
+
+def _user_errors() -> tuple:
+    from .checkpoint_io import CheckpointError
+    from .data.errors import DatasetError
+
+    return ConfigError, FileNotFoundError, DatasetError, CheckpointError, RunDirLocked, StorageError
+
+
+USER_ERRORS = _user_errors()
+
+
+def report(kind: str, message: str) -> None:
+    """One error block on stderr; every line carries the rank so :mod:`cacnb.launch` can show the failing rank's
+    own message first, even among other ranks' output."""
+    rank, world = _launch_rank()
+    tag = f"cacnb.train[rank {rank}]" if world > 1 else "cacnb.train"
+    lines = str(message).rstrip().splitlines() or [""]
+    print("\n".join([f"{tag}: {kind}: {lines[0]}"] + [f"{tag}:   {line}" for line in lines[1:]]),
+          file=sys.stderr, flush=True)
+
+
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun set them: still known after the process group is gone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def main(argv=None) -> int:
@@ -395,18 +595,27 @@ def main(argv=None) -> int:
     if args.list_keys:
         print("\n".join(valid_keys()))
         return 0
-    from .checkpoint_io import CheckpointError
-    from .data.errors import DatasetError
-
     try:
         overrides = list(args.set) + ([f"train.resume={args.resume}"] if args.resume else [])
-        train(args.config, overrides)
-    except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
-        print(f"cacnb.train: error: {e}", file=sys.stderr, flush=True)
+        train(args.config, overrides, force=args.force, make_synthetic=args.make_synthetic)
+    except PeerFailed:
+        return 2
+    except USER_ERRORS as e:
+        report("error", e)
         return 2
     except TrainingDiverged as e:
-        print(f"cacnb.train: stopped: {e}", file=sys.stderr, flush=True)
+        report("stopped", e)
         return 3
+    except Interrupted as e:
+        if _launch_rank()[0] == 0:
+            report("interrupted", e)
+        return e.exit_code
+    except BaseException as e:  # an unexpected failure: its traceback, tagged with the rank
+        if isinstance(e, KeyboardInterrupt):
+            report("interrupted", "KeyboardInterrupt before training started; nothing was saved")
+            return 130
+        report(f"failed with {type(e).__name__}", "".join(traceback.format_exception(e)))
+        return 1
     return 0
 
 

@@ -1,5 +1,6 @@
 """The notebook-side launcher: command lines, failures surfacing with the log tail, timeouts."""
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,17 +39,22 @@ def test_kernel_relative_paths_reach_the_worker_resolved(tmp_path, monkeypatch):
     import importlib
 
     launch_mod = importlib.import_module("cacnb.launch")  # the module; `cacnb.launch` itself is the function
+    from cacnb.config import load_config
+
     seen = {}
-    monkeypatch.setattr(launch_mod, "_run_streaming", lambda cmd, env, **kw: (seen.setdefault("cmd", cmd), (0, []))[1])
+
+    def fake_run(cmd, env, **kw):  # the config file the worker is given, read while it exists
+        seen["cmd"], seen["cfg"] = cmd, load_config(cmd[-1])
+        return 0, []
+
+    monkeypatch.setattr(launch_mod, "_run_streaming", fake_run)
     (tmp_path / "kernel" / "mydata").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "kernel")
     run = launch("synthetic", overrides={"data.data_dir": "mydata", "train.out_dir": str(tmp_path / "runs")},
                  quiet=True)
-    from cacnb.config import load_config
-
-    saved = load_config(run / "config.json")
-    assert saved.data.data_dir == str(tmp_path / "kernel" / "mydata")
-    assert seen["cmd"][-1] == str(run / "config.json")
+    assert seen["cfg"].data.data_dir == str(tmp_path / "kernel" / "mydata")
+    assert Path(seen["cmd"][-1]).parent == run
+    assert not Path(seen["cmd"][-1]).exists()  # the launch request is removed; the worker writes config.json
 
 
 def test_a_failing_worker_raises_with_the_tail_of_its_log(tmp_path, capsys):

@@ -33,7 +33,7 @@ def _files(cfg, *which: str) -> SegFiles:
     root = splits.dataset_root(cfg)
     split_files = splits.resolve_splits(cfg)
     pairs = [pair for name in which for pair in splits.read_split(getattr(split_files, name))]
-    return _files_type(cfg)(root, pairs)
+    return _files_type(cfg)(root, pairs, num_classes=cfg.num_classes, ignore_index=cfg.ignore_index)
 
 
 def _files_type(cfg) -> type:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from PIL import Image
 
 from ..paths import resolve
 from . import official, splits
 from .errors import DATA_README, DatasetError
+from .validate import SampleError, file_problem, label_id_problem, list_problems
+from .voc import read_index_png
 
 NUM_CLASSES = {"voc": 21, "synthetic": 21, "cityscapes": 19}
 IGNORE = 255
@@ -35,6 +36,9 @@ KIND_TITLES = {
     "bad_values": "labels with unexpected values",
     "size_mismatch": "image/label size mismatches",
     "missing_split_id": "ids of the chosen split lists missing on disk",
+    "symlink_loop": "symlink loops",
+    "duplicate_id": "ids listed more than once",
+    "labeled_and_unlabeled": "ids both labeled and unlabeled",
 }
 
 
@@ -132,7 +136,8 @@ def check_dataset(data_cfg_or_root, dataset: Optional[str] = None, *, max_files:
         check_split_ids(cfg, Path(report.root), report)
     report.listed = len(samples)
     todo = samples if max_files is None else samples[:max_files]
-    _check_files(todo, set(range(NUM_CLASSES[dataset])) | {IGNORE}, report, progress)
+    num_classes = getattr(cfg, "num_classes", NUM_CLASSES[dataset])
+    _check_files(todo, (num_classes, getattr(cfg, "ignore_index", IGNORE)), report, progress)
     return report
 
 
@@ -152,7 +157,7 @@ def _voc_samples(folder: Path, report: PreflightReport) -> list[tuple[Path, Path
         report.add("missing_folder", root / sub, "expected in the VOC 2012 layout")
     if "ImageSets/Segmentation" in missing:
         return []
-    ids = []
+    ids, lists = [], {}
     for name in (splits.VOC_TRAIN_LIST, splits.VOC_VAL_LIST):
         path = root / name
         if not path.is_file():
@@ -162,7 +167,9 @@ def _voc_samples(folder: Path, report: PreflightReport) -> list[tuple[Path, Path
             else:
                 report.add("missing_list", path, "the validation list is required")
             continue
-        ids += _read_list_ids(path, report)
+        lists[Path(name).stem] = (path, _read_list_ids(path, report))
+        ids += lists[Path(name).stem][1]
+    _add_all(report, list_problems(lists))
     ids = list(dict.fromkeys(ids))  # unique, in order
     if not (root / splits.VOC_TRAIN_LIST).is_file() and (root / "SegmentationClassAug").is_dir():
         listed = set(ids)  # built once: the glob can yield ~10k labels
@@ -203,15 +210,22 @@ def _check_split_dir(split_dir: Path, n_labeled: Optional[int], report: Prefligh
         return
     if n_labeled is None:
         return
-    for name in splits.split_names(n_labeled):
+    lists = {}
+    for role, name in zip(("labeled", "unlabeled"), splits.split_names(n_labeled)):
         path = split_dir / name
         if not path.is_file():
             report.add("missing_list", path, f"needed for data.n_labeled={n_labeled}")
             continue
         try:
-            splits.read_split(path)
+            lists[role] = (path, [splits.pair_id(p) for p in splits.read_split(path)])
         except DatasetError as e:
             report.add("missing_list", path, str(e).splitlines()[0])
+    _add_all(report, list_problems(lists))
+
+
+def _add_all(report: PreflightReport, problems) -> None:
+    for p in problems:
+        report.add(p.kind, p.path, p.detail)
 
 
 def chosen_lists(cfg) -> dict[str, list[splits.Pair]]:
@@ -253,18 +267,17 @@ def check_split_ids(cfg, root: Path, report: PreflightReport) -> None:
 # files
 
 
-def _check_files(samples, allowed: set[int], report: PreflightReport, progress: bool) -> None:
+def _check_files(samples, classes: tuple[int, int], report: PreflightReport, progress: bool) -> None:
+    """Open every image and label with training's own readers and rules; ``classes`` = (num_classes, ignore)."""
     from tqdm.auto import tqdm
 
     for image_path, label_path in tqdm(samples, desc="checking dataset", unit="img", disable=not progress):
         report.checked += 1
-        has_image, has_label = image_path.is_file(), label_path.is_file()
-        if not has_image:
-            report.add("missing_image", image_path, "listed but not on disk")
-        if not has_label:
-            report.add("missing_label", label_path, f"no label for {image_path.name}")
-        image_size = _image_size(image_path, report) if has_image else None
-        label_size = _check_label(label_path, allowed, report) if has_label else None
+        missing = [p for p in (file_problem(image_path, "image"), file_problem(label_path, "label")) if p]
+        _add_all(report, missing)
+        bad = {p.path for p in missing}
+        image_size = _image_size(image_path, report) if str(image_path) not in bad else None
+        label_size = _check_label(label_path, classes, report) if str(label_path) not in bad else None
         if image_size and label_size and image_size != label_size:
             report.add("size_mismatch", label_path, f"label is {label_size[0]}x{label_size[1]} but "
                                                     f"{image_path.name} is {image_size[0]}x{image_size[1]} (WxH)")
@@ -281,23 +294,17 @@ def _image_size(path: Path, report: PreflightReport) -> Optional[tuple[int, int]
         return None
 
 
-def _check_label(path: Path, allowed: set[int], report: PreflightReport) -> Optional[tuple[int, int]]:
+def _check_label(path: Path, classes: tuple[int, int], report: PreflightReport) -> Optional[tuple[int, int]]:
+    """Training's label reader (modes, 16-bit range) and id rule; the size as (W, H) when it could be read."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            size, mode = im.size, im.mode
-            values = np.unique(np.asarray(im)) if mode in ("P", "L") else None
-    except Exception as e:
-        report.add("unreadable", path, _describe(e))
+        label = read_index_png(path)  # [H, W] uint8
+    except SampleError as e:
+        report.add(e.kind, path, str(e).removeprefix(f"label {path}").lstrip(": "))
         return None
-    if values is None:
-        report.add("bad_mode", path, f"mode {mode}: expected an 8-bit class-index PNG (mode P or L), not colours")
-        return size
-    bad = sorted(set(values.tolist()) - allowed)
-    if bad:
-        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-        report.add("bad_values", path, f"values {shown} outside 0..{max(allowed - {IGNORE})} and {IGNORE}")
-    return size
+    problem = label_id_problem(path, label, *classes)
+    if problem is not None:
+        report.add(problem.kind, problem.path, problem.detail)
+    return label.shape[1], label.shape[0]
 
 
 def _describe(e: Exception) -> str:

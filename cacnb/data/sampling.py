@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
+import os
+import signal
+import time
 from typing import Iterator
 
 import torch
@@ -65,6 +69,35 @@ class InfiniteSampler(Sampler):
             pass_index, skip = pass_index + 1, 0
 
 
+# Set (in shared memory, inherited by forked loader workers) once the trainer has been asked to stop.
+_STOPPING = multiprocessing.RawValue("b", 0)
+_STOP_WAIT_S = 0.5  # a SIGTERM sent to a whole process group may reach a worker before its trainer
+
+
+def mark_stopping(stopping: bool = True) -> None:
+    """Set by the trainer's signal handler (cacnb.interrupts), so loader workers outlive a SIGTERM; cleared when
+    its handlers are removed."""
+    _STOPPING.value = int(stopping)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn``: a Ctrl-C or a SIGTERM sent to the whole process group (``kill -TERM -pgid``, a job
+    scheduler) must not kill the loader workers while the trainer finishes its step and saves (see
+    cacnb.interrupts); they exit when it does. SIGINT is ignored; SIGTERM is ignored only when the trainer is
+    stopping too, so ``multiprocessing``'s own terminate() at shutdown still ends a worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def _worker_sigterm(signum, frame) -> None:
+    deadline = time.monotonic() + _STOP_WAIT_S
+    while not _STOPPING.value and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not _STOPPING.value:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                       num_workers: int = 0, start: int = 0, pin_memory: bool | None = None,
                       prefetch_factor: int | None = None) -> DataLoader:
@@ -81,4 +114,4 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int
         extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor or 2}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(mix_seed(seed, rank, -1)),
-                      **extra)
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None, **extra)

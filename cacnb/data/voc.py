@@ -19,6 +19,7 @@ from torchvision import tv_tensors
 from . import transforms as T
 from .errors import DatasetError
 from .splits import pair_id, pair_paths
+from .validate import SampleError, check_label_ids, open_failure
 
 Pair = tuple[str, str]
 
@@ -32,14 +33,13 @@ def read_image(path: Path) -> tv_tensors.Image:
     try:
         with Image.open(path) as im:
             rgb = im.convert("RGB")  # forces the full decode, so truncated files fail here
-    except FileNotFoundError:
-        raise DatasetError(f"image {path} is missing. Check data.data_dir and the split list that names it, "
-                           f"or remove the entry from the list.") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"image {path} is corrupt or not an image ({e}). Re-extract or re-download it, or "
-                           f"remove its line from the split list.") from None
+        raise open_failure(path, "image", e) from None
     hwc = torch.from_numpy(np.array(rgb, dtype=np.uint8))  # [H, W, 3]
     return tv_tensors.Image(hwc.permute(2, 0, 1))
+
+
+LABEL_MODES = ("P", "L", "I", "I;16")  # palette, 8-bit grey, 32/16-bit grey (range-checked below)
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -48,34 +48,36 @@ def read_index_png(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             mode, array = im.mode, np.asarray(im)
-    except FileNotFoundError:
-        raise DatasetError(f"label {path} is missing. Check data.data_dir and the split list that names it "
-                           f"(labels live beside the images, e.g. SegmentationClassAug/ for VOC).") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"label {path} is corrupt or not an image ({e}). Re-extract it, or remove its line "
-                           f"from the split list.") from None
-    if mode not in ("P", "L", "I", "I;16"):
-        raise DatasetError(f"label {path} has mode {mode}: labels must be index PNGs (palette or greyscale, one "
-                           f"class id per pixel, 255 = ignore), not colour images. Use SegmentationClassAug "
-                           f"(or convert colour masks to indices).")
+        raise open_failure(path, "label", e) from None
+    if mode not in LABEL_MODES:
+        raise SampleError(f"label {path} has mode {mode}: labels must be index PNGs (palette or greyscale, 8 or "
+                          f"16 bit, one class id per pixel, 255 = ignore), not colour images. Use "
+                          f"SegmentationClassAug (or convert colour masks to indices).", "bad_mode", path)
     return _as_uint8_label(path, mode, array)
 
 
 def _as_uint8_label(path: Path, mode: str, array: np.ndarray) -> np.ndarray:
     """``array`` as uint8; 16/32-bit labels are range-checked first, since the cast would wrap 256 to 0."""
     if array.size and (int(array.min()) < 0 or int(array.max()) > 255):
-        raise DatasetError(f"label {path} (mode {mode}) holds values {int(array.min())}..{int(array.max())}, "
-                           f"outside 0..255: class ids must fit in 8 bits (255 = ignore). Re-save it as an 8-bit "
-                           f"index PNG (mode P or L) with valid class ids, or remove its line from the split list.")
+        raise SampleError(f"label {path} (mode {mode}) holds values {int(array.min())}..{int(array.max())}, "
+                          f"outside 0..255: class ids must fit in 8 bits (255 = ignore). Re-save it as an 8-bit "
+                          f"index PNG (mode P or L) with valid class ids, or remove its line from the split list.",
+                          "bad_values", path)
     return array.astype(np.uint8, copy=False)
 
 
 class SegFiles:
-    """``(root, pairs)``: list entries relative to ``root`` (leading slash as in the official lists)."""
+    """``(root, pairs)``: list entries relative to ``root`` (leading slash as in the official lists).
 
-    def __init__(self, root: "str | os.PathLike", pairs: Sequence[Pair]):
+    With ``num_classes`` every label read is checked for ids outside ``0..num_classes-1`` and ``ignore_index``.
+    """
+
+    def __init__(self, root: "str | os.PathLike", pairs: Sequence[Pair], *, num_classes: "int | None" = None,
+                 ignore_index: int = 255):
         self.root = Path(root)
         self.pairs = [tuple(p) for p in pairs]
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         if not self.pairs:
             raise DatasetError(f"no samples listed for the dataset at {self.root}; the split list is empty")
 
@@ -99,6 +101,7 @@ class SegFiles:
         if tuple(label.shape) != tuple(image.shape[-2:]):
             raise DatasetError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} is "
                                f"{image.shape[-1]}x{image.shape[-2]}; the pair does not belong together.")
+        check_label_ids(label_path, label, self.num_classes, self.ignore_index)
         return image, tv_tensors.Mask(torch.from_numpy(np.array(label, dtype=np.uint8)))
 
 

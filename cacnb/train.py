@@ -508,7 +508,7 @@ def ensure_dataset(cfg: Config, make_synthetic: bool = False) -> None:
     if cfg.data.dataset != "synthetic":
         return
     from .data.errors import DatasetError, with_readme
-    from .data.synthetic import make_synthetic_for
+    from .data.synthetic import make_command, make_synthetic_for
 
     root = Path(cfg.data.data_dir)
     if (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").exists():
@@ -517,8 +517,8 @@ def ensure_dataset(cfg: Config, make_synthetic: bool = False) -> None:
     if not make_synthetic and root.resolve() != default.resolve():
         raise DatasetError(with_readme(
             f"data.data_dir={str(root)!r} holds no synthetic dataset. It is generated automatically only at the "
-            f"default {default}. Check the path for a typo; to make one there run `python -m cacnb.data.synthetic "
-            f"--root {root}` (or notebook 00), or pass --make-synthetic to cacnb.train"))
+            f"default {default}. Check the path for a typo; to make one there run `{make_command(cfg.data, root)}` "
+            f"(or notebook 00), or pass --make-synthetic to cacnb.train"))
     print(f"[cacnb] writing the synthetic dataset to {root}", flush=True)
     make_synthetic_for(cfg.data, root)
 

@@ -114,3 +114,13 @@ def test_unknown_style_is_rejected(tmp_path):
         make_synthetic_voc(tmp_path, 2, 1, style="nope", progress=False)
     with pytest.raises(Exception, match="data.synthetic_style"):
         load_config("synthetic", {"data.synthetic_style": "nope"})
+
+
+def test_make_command_writes_the_configs_set(tmp_path):
+    d = dataclasses.replace(load_config("synthetic_context").data, synthetic_train=3, synthetic_val=2,
+                            synthetic_test=2)
+    argv = synthetic.make_command(d, tmp_path / "x").split()[3:]       # drop "python -m cacnb.data.synthetic"
+    assert synthetic.main(argv + ["--min-size", "48", "--max-size", "64"]) == 0
+    voc = tmp_path / "x" / "VOCdevkit" / "VOC2012"
+    assert [len(_ids(voc, n)) for n in ("train_aug.txt", "val.txt", "test.txt")] == [3, 2, 2]
+    assert '"style": "context"' in (voc / synthetic.META_NAME).read_text()

@@ -581,6 +581,13 @@ def make_synthetic_for(data_cfg, root: "str | os.PathLike | None" = None, progre
                               num_test=data_cfg.synthetic_test, style=data_cfg.synthetic_style, progress=progress)
 
 
+def make_command(data_cfg, root: "str | os.PathLike") -> str:
+    """The shell command that writes the synthetic set of ``data_cfg`` at ``root`` (for error messages)."""
+    test = f" --num-test {data_cfg.synthetic_test}" if data_cfg.synthetic_test else ""
+    return (f"python -m cacnb.data.synthetic --root {root} --style {data_cfg.synthetic_style} "
+            f"--num-train {data_cfg.synthetic_train} --num-val {data_cfg.synthetic_val}{test}")
+
+
 def _existing(voc: Path, meta: dict, progress: bool) -> Path:
     if not is_complete(voc):
         raise DatasetError(with_readme(

@@ -421,7 +421,8 @@ def evaluate_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None, m
     result = evaluate(model, dataset, cfg.data.num_classes, mode=mode, crop_size=crop_size,
                       slide_stride=slide_stride, scales=scales, flip=flip, ignore_index=cfg.data.ignore_index,
                       max_images=max_images, progress=progress)
-    result.update(cfg=cfg, checkpoint=path, class_names=list(class_names(cfg.data.dataset)), split=split)
+    names = list(class_names(cfg.data.dataset))[:cfg.data.num_classes]  # the synthetic sets use the first VOC ids
+    result.update(cfg=cfg, checkpoint=path, class_names=names, split=split)
     return result
 
 

@@ -10,7 +10,8 @@ from cacnb.config import load_config
 from cacnb.data import build_eval_dataset
 from cacnb.data.errors import DatasetError
 from cacnb.data.splits import eval_split_file, read_split, resolve_splits, voc_train_ids
-from cacnb.evaluate import evaluate_checkpoint, main as evaluate_main
+from cacnb.data.palette import VOC_CLASSES
+from cacnb.evaluate import evaluate_checkpoint, main as evaluate_main, result_to_json
 from cacnb.model import build_model
 
 from conftest import save_model_checkpoint
@@ -67,6 +68,9 @@ def test_evaluate_api_and_cli_on_test(held_out_dir, tmp_path, capsys, one_thread
     on_val = evaluate_checkpoint("synthetic", ckpt, data_dir=str(held_out_dir), progress=False, device="cpu",
                                  overrides=["data.n_labeled=6"])
     assert on_test["num_images"] == 4 and on_val["num_images"] == 6 and on_test["split"] == "test"
+    # one name per class of the model (the synthetic set uses the first VOC ids), so result_to_json keeps them
+    assert on_test["class_names"] == list(VOC_CLASSES[:on_test["cfg"].data.num_classes])
+    assert result_to_json(on_test, on_test["class_names"])["iou_by_class"].keys() == set(on_test["class_names"])
     out = tmp_path / "test.json"
     assert evaluate_main(["--config", "synthetic", "--checkpoint", str(ckpt), "--data-dir", str(held_out_dir),
                           "--split", "test", "--out", str(out), "--no-progress"]) == 0

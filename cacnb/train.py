@@ -45,6 +45,9 @@ class TrainingDiverged(FloatingPointError):
     """A loss term became NaN or Inf; the last good checkpoint is kept."""
 
 
+PEER_EXIT_DELAY_S = 3.0  # how long the other ranks wait for rank 0 to exit first after it refused to start
+
+
 class PeerFailed(RuntimeError):
     """Rank 0 refused to start (its own error says why); the other ranks stop quietly with the same exit code."""
 
@@ -599,6 +602,9 @@ def main(argv=None) -> int:
         overrides = list(args.set) + ([f"train.resume={args.resume}"] if args.resume else [])
         train(args.config, overrides, force=args.force, make_synthetic=args.make_synthetic)
     except PeerFailed:
+        # Rank 0 prints the reason and exits 2. Leave after it, or torchrun sees this rank end first, stops rank 0
+        # with SIGTERM and reports its exit code as -15 instead of its own.
+        time.sleep(PEER_EXIT_DELAY_S)
         return 2
     except USER_ERRORS as e:
         report("error", e)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -45,3 +46,10 @@ def save_model_checkpoint(model, path, cfg=None):
     if cfg is not None:
         state["config"] = cfg.to_dict()
     return save_checkpoint(state, path)
+
+
+# A process started in the background by a non-interactive shell inherits SIGINT *ignored*, and Python then never
+# raises KeyboardInterrupt (nor do its children, which inherit the ignore across exec). The suite tests what Ctrl-C
+# does, so give it the interactive disposition whatever shell started it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -75,11 +75,15 @@ def sweep_argv(out: str) -> list[str]:
             "--out", SWEEP_DIR.format(out=out), *sets]
 
 
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says where to look."""
+
+
 def train(out: str) -> None:
     code = sweep.main(sweep_argv(out))
     if code:
-        raise RuntimeError(f"the demo's training sweep failed (exit {code}); see {SWEEP_DIR.format(out=out)}/"
-                           f"results.csv and the sweep.log of each run")
+        raise DemoError(f"the demo's training sweep failed (exit {code}); see {SWEEP_DIR.format(out=out)}/"
+                        f"results.csv and the sweep.log of each run")
 
 
 def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> list[Path]:
@@ -133,7 +137,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", help="run only notebooks whose name starts with these prefixes")
     args = p.parse_args(argv)
     tic = time.perf_counter()
-    run_notebooks(args.out, args.only)
+    try:
+        run_notebooks(args.out, args.only)
+    except DemoError as e:
+        print(f"cacnb.demo: error: {e}", file=sys.stderr)
+        return 1
     print(summary(args.out))
     total = round(time.perf_counter() - tic)
     print(f"[demo] total {total} s ({total // 60} min {total % 60} s)", flush=True)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from .config import atomic_write_text
-from .data.palette import class_names
 
 RESULT_COLUMNS = ("run", "mode", "seed", "overrides", "val_miou", "test_miou", "test_miou_final", "best_iter",
                   "train_seconds", "status", "log")
@@ -251,22 +250,13 @@ def per_class_iou(sweep_dir: "str | Path", rows: Sequence[Mapping], which: str =
         result = json.loads(path.read_text())[which]
         if result is None:
             continue
-        names = names or list(result.get("class_names") or _run_class_names(Path(sweep_dir) / row["run"],
-                                                                             len(result["iou"])))
+        names = names or list(result.get("class_names") or range(len(result["iou"])))
         sums.setdefault(row["label"], []).append([math.nan if v is None else float(v) for v in result["iou"]])
     means = {}
     for label in labels_in_order([r for r in rows if r["label"] in sums]):
         columns = list(zip(*sums[label]))
         means[label] = [_nanmean(c) for c in columns]
     return [str(n) for n in names], means
-
-
-def _run_class_names(run_dir: Path, num_classes: int) -> list:
-    """Class names from the run's ``config.json`` (test.json files written before they carried the names)."""
-    config = run_dir / "config.json"
-    if not config.is_file():
-        return list(range(num_classes))
-    return list(class_names(json.loads(config.read_text())["data"]["dataset"]))[:num_classes]
 
 
 def _nanmean(values: Iterable[float]) -> float:

@@ -50,3 +50,12 @@ def test_summary_reports_both_rows_with_the_one_seed_caveat(tmp_path, monkeypatc
     assert "supervised baseline" in text and "test mIoU 40.00%" in text
     assert "CAC (semi)" in text and "test mIoU 50.00%" in text
     assert "ONE seed" in text and "make sweep" in text
+
+
+def test_a_failed_training_sweep_ends_the_demo_with_a_message(tmp_path, monkeypatch, capsys):
+    import cacnb.demo as demo
+
+    monkeypatch.setattr(demo.sweep, "main", lambda argv: 1)
+    monkeypatch.setattr(demo, "project_root", lambda *a: Path(__file__).resolve().parents[1])
+    assert demo.main(["--out", str(tmp_path / "out"), "--only", "03"]) == 1
+    assert "the demo's training sweep failed (exit 1)" in capsys.readouterr().err

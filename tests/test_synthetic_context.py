@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -40,39 +41,39 @@ def test_look_alike_pairs_differ_only_in_context_or_size():
     assert len(looks) == len(others) + 2                       # every other class has a look of its own
 
 
-def test_region_classes_are_placed_on_their_region():
+def test_region_classes_occur_only_in_their_kind_of_scene():
     rng = np.random.default_rng(3)
-    for _ in range(20):
-        _, water = synthetic._water_and_ground(rng, 96, 120)
-        assert 0.2 < water.mean() < 0.8                         # both regions are present
-        for region in ("water", "ground"):
-            centre = synthetic._centre_in_region(rng, water, region, radius=12)
-            if centre is None:                                  # no room on that side: the object is skipped
-                continue
-            cy, cx = centre
-            for y, x in ((cy, cx), (cy - 12, cx), (cy + 12, cx), (cy, cx - 12), (cy, cx + 12)):
-                if 0 <= y < 96 and 0 <= x < 120:
-                    assert water[int(y), int(x)] == (region == "water")
+    for water in (True, False):
+        drawn = {synthetic._scene_class(rng, water).index for _ in range(400)}
+        assert (4 in drawn, 7 in drawn) == (water, not water)      # boat only in water, car only on ground
+        assert {3, 6} <= drawn                                      # the size pair occurs in both kinds
 
 
-def test_boats_sit_on_water_and_cars_on_ground_in_rendered_scenes():
-    """Measured on the pixels just outside each object: boats are surrounded by water-coloured (blue) background,
-    cars by ground-coloured (brown) background."""
+def test_boats_are_in_water_scenes_and_cars_in_ground_scenes_in_rendered_images():
+    """Measured on the background pixels of each image: an image holding a boat has a blue (water) background,
+    one holding a car a brown (ground) one, and no image holds both."""
     blue_boat, blue_car = [], []
     for i in range(40):
         image, label = synthetic.render_context_scene(np.random.default_rng([0, 9, i]))
-        img = image.astype(np.float32)
-        for index, out in ((4, blue_boat), (7, blue_car)):
-            obj = label == index
-            if obj.sum() < 20:
-                continue
-            ring = np.zeros_like(obj)                                     # obj moved 4 px each way
-            ring[4:-4, 4:-4] = obj[:-8, 4:-4] | obj[8:, 4:-4] | obj[4:-4, :-8] | obj[4:-4, 8:]
-            ring &= label == 0
-            if ring.sum() > 10:
-                out.append(float((img[ring, 2] - img[ring, 0]).mean()))    # blue minus red of the surroundings
+        present = set(np.unique(label))
+        assert not {4, 7} <= present
+        background = image.astype(np.float32)[label == 0]                  # [n, 3]
+        blueness = float((background[:, 2] - background[:, 0]).mean())      # blue minus red of the scene
+        if 4 in present:
+            blue_boat.append(blueness)
+        if 7 in present:
+            blue_car.append(blueness)
     assert len(blue_boat) > 5 and len(blue_car) > 5
-    assert np.median(blue_boat) > 0 > np.median(blue_car)
+    assert min(blue_boat) > 0 > max(blue_car)
+
+
+def test_the_context_style_carries_its_own_format_version(tmp_path):
+    voc = make_synthetic_voc(tmp_path, 2, 1, style="context", size_range=SMALL, progress=False)
+    meta = json.loads((voc / synthetic.META_NAME).read_text())
+    assert meta["format_version"] == STYLES["context"].version == 2
+    with pytest.warns(UserWarning, match="format_version=2 \\(requested 1\\)"):
+        meta["format_version"] = 1
+        synthetic._warn_if_settings_differ(voc, meta)
 
 
 def test_three_disjoint_splits_of_the_requested_sizes(tmp_path):

@@ -108,7 +108,7 @@ class ObjectClass:
     colour: tuple[int, int, int]
     texture: str                # key of TEXTURES
     radius: tuple[float, float] = (0.1, 0.3)   # instance radius as a fraction of the image's short side
-    region: Optional[str] = None               # "water" | "ground": where the centre must lie (context style)
+    region: Optional[str] = None               # "water" | "ground": the only kind of scene it occurs in (context)
 
 
 OBJECT_CLASSES: tuple[ObjectClass, ...] = (
@@ -125,7 +125,8 @@ OBJECT_CLASSES: tuple[ObjectClass, ...] = (
 
 # The context benchmark (``style="context"``): two pairs of classes that look exactly alike, so that a small
 # receptive field cannot tell them apart and only context can.
-# * boat / car: one appearance; a boat's centre always lies on water, a car's on ground (both background).
+# * boat / car: one appearance; a boat occurs only in water scenes, a car only in ground scenes (the background,
+#   class 0, fills the whole image; a scene-level rule, so that almost every crop still shows it).
 # * bird / bus: one appearance; birds are small, buses large: only the extent of the object tells.
 # aeroplane, bicycle and bottle have looks of their own and anchor the task.
 _VEHICLE = dict(shape="rectangle", colour=(215, 45, 35), texture="hstripes", radius=(0.12, 0.22))
@@ -379,54 +380,45 @@ def _region_colour(rng: np.random.Generator, hue: tuple[float, float], sat: tupl
     return np.array([r, g, b], dtype=np.float32) * 255
 
 
-def _water_and_ground(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image [h, w, 3] float, water bool [h, w]): water (blue, horizontal ripples) on one side of a wavy
-    horizon, ground (brown-grey, blotchy) on the other. Both are background (class 0)."""
+def _scene_background(rng: np.random.Generator, h: int, w: int, water: bool) -> np.ndarray:
+    """[h, w, 3] float background of one kind (class 0): water (blue, horizontal ripples) or ground
+    (brown-grey, blotchy), with sensor noise."""
     yy, xx = _grid(h, w)
-    horizon = h * rng.uniform(0.35, 0.65) + 0.08 * h * np.sin(xx / w * rng.uniform(2, 7) + rng.uniform(0, 6.3))
-    water = yy > horizon if rng.random() < 0.5 else yy <= horizon                  # [h, w]
-    period = rng.uniform(4.0, 7.0)
-    ripples = 0.85 + 0.25 * (np.sin(yy * (2 * np.pi / period) + 0.6 * np.sin(xx / 9.0)) > 0)
-    blotch = 0.8 + 0.4 * _lowres_noise(rng, h, w, int(rng.integers(4, 10)))
-    water_rgb = _region_colour(rng, (0.55, 0.62), (0.3, 0.5)) * ripples[..., None]
-    ground_rgb = _region_colour(rng, (0.06, 0.12), (0.15, 0.35)) * blotch[..., None]
-    image = np.where(water[..., None], water_rgb, ground_rgb)
-    return image + 8 * rng.standard_normal((h, w, 1), dtype=np.float32), water
+    if water:
+        period = rng.uniform(4.0, 7.0)
+        pattern = 0.85 + 0.25 * (np.sin(yy * (2 * np.pi / period) + 0.6 * np.sin(xx / 9.0)) > 0)
+        rgb = _region_colour(rng, (0.55, 0.62), (0.3, 0.5))
+    else:
+        pattern = 0.8 + 0.4 * _lowres_noise(rng, h, w, int(rng.integers(4, 10)))
+        rgb = _region_colour(rng, (0.06, 0.12), (0.15, 0.35))
+    return rgb * pattern[..., None] + 8 * rng.standard_normal((h, w, 1), dtype=np.float32)
 
 
-def _centre_in_region(rng: np.random.Generator, water: np.ndarray, region: Optional[str], radius: float = 0.0,
-                      tries: int = 30) -> Optional[tuple[float, float]]:
-    """A uniform centre; when the class demands a region, the centre and the four points ``radius`` away from it
-    (those inside the image) must all lie on it, so that the object stands wholly on water or on ground and the
-    rule "boat on water, car on ground" holds without exceptions at the horizon. None when no try fits."""
-    h, w = water.shape
-    for _ in range(tries):
-        cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
-        if region is None:
-            return cy, cx
-        probes = [(cy, cx), (cy - radius, cx), (cy + radius, cx), (cy, cx - radius), (cy, cx + radius)]
-        inside = [(int(y), int(x)) for y, x in probes if 0 <= y < h and 0 <= x < w]
-        if all(water[y, x] == (region == "water") for y, x in inside):
-            return cy, cx
-    return None
+def _scene_class(rng: np.random.Generator, water: bool) -> ObjectClass:
+    """A class drawn with :data:`_CONTEXT_WEIGHTS`; a region class drawn for the other kind of scene becomes its
+    look-alike of this scene (a boat in a ground scene is a car), so the rule holds without exceptions."""
+    cls = CONTEXT_CLASSES[int(rng.choice(len(CONTEXT_CLASSES), p=_CONTEXT_WEIGHTS))]
+    if cls.region is None or (cls.region == "water") == water:
+        return cls
+    return next(c for c in CONTEXT_CLASSES if c.region == ("water" if water else "ground"))
 
 
 def render_context_scene(rng: np.random.Generator, size_range: tuple[int, int] = (96, 144),
                          max_objects: int = 5, border: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """One scene of the context benchmark (see :data:`CONTEXT_CLASSES`): water and ground, 2 to
-    ``max_objects`` objects. Returns (image uint8 [H, W, 3], label uint8 [H, W])."""
+    """One scene of the context benchmark (see :data:`CONTEXT_CLASSES`): a water scene or a ground scene (even
+    odds), background clutter and 2 to ``max_objects`` objects. Boats occur only in water scenes and cars only
+    in ground scenes. Returns (image uint8 [H, W, 3], label uint8 [H, W])."""
     h, w = _image_size(rng, size_range)
-    image, water = _water_and_ground(rng, h, w)
+    water = bool(rng.random() < 0.5)
+    image = _scene_background(rng, h, w, water)
     _clutter(rng, image, int(rng.integers(0, 4)))
     label = np.zeros((h, w), dtype=np.uint8)
     for _ in range(int(rng.integers(2, max_objects + 1))):
-        cls = CONTEXT_CLASSES[int(rng.choice(len(CONTEXT_CLASSES), p=_CONTEXT_WEIGHTS))]
+        cls = _scene_class(rng, water)
         radius = rng.uniform(*cls.radius) * min(h, w)
-        centre = _centre_in_region(rng, water, cls.region, radius)
-        if centre is None:
-            continue
+        cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
         mask = _object_mask(rng, cls, radius)
-        _paste(image, label, mask, _varied_appearance(rng, cls, mask.shape[0]), cls.index, *centre)
+        _paste(image, label, mask, _varied_appearance(rng, cls, mask.shape[0]), cls.index, cy, cx)
     image *= rng.uniform(0.85, 1.15)
     image += 4 * rng.standard_normal(image.shape, dtype=np.float32)
     label[_border_band(label, border)] = 255
@@ -439,11 +431,13 @@ class SceneStyle:
     classes: tuple[ObjectClass, ...]
     size_range: tuple[int, int]       # default (min, max) image side
     max_objects: int
+    version: int = FORMAT_VERSION     # bumped when the style's images change; a kept set of another version warns
 
 
 STYLES: dict[str, SceneStyle] = {
     "objects": SceneStyle(render_scene, OBJECT_CLASSES, DEFAULT_SIZE_RANGE, 4),    # the quick demo set
-    "context": SceneStyle(render_context_scene, CONTEXT_CLASSES, (96, 144), 5),   # the benchmark
+    # the benchmark; version 2: scene-level context (version 1 put boats and cars on two sides of a horizon)
+    "context": SceneStyle(render_context_scene, CONTEXT_CLASSES, (96, 144), 5, version=2),
 }
 
 
@@ -470,7 +464,7 @@ def sample_ids(num_train: int, num_val: int, num_test: int = 0) -> tuple[list[st
 
 
 def _meta(num_train, num_val, num_test, style, seed, size_range, max_objects, border) -> dict:
-    meta = {"generator": "cacnb.data.synthetic", "format_version": FORMAT_VERSION, "seed": seed,
+    meta = {"generator": "cacnb.data.synthetic", "format_version": _style(style).version, "seed": seed,
             "num_train": num_train, "num_val": num_val, "size_range": list(size_range),
             "max_objects": max_objects, "border": border, "jpeg_quality": JPEG_QUALITY,
             "classes": {str(c.index): VOC_CLASSES[c.index] for c in _style(style).classes}}

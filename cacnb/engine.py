@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
+from .checkpoint_io import FORMAT as CHECKPOINT_FORMAT
 from .config import Config
+from .model import unwrap
 
-CHECKPOINT_FORMAT = "cacnb-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
@@ -121,17 +122,6 @@ def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator]) -
         generator.set_state(state["negatives"])
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def make_checkpoint(model, optimizer, cfg: Config, *, bank, scaler, epoch: int, iteration: int,
                     rngs: list, history: list, best_miou: float) -> dict:
     """A checkpoint of plain tensors and primitives, loadable with ``torch.load(weights_only=True)``."""
@@ -158,17 +148,3 @@ def save_checkpoint(state: dict, path: "str | os.PathLike") -> Path:
     from .paths import atomic_write
 
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_training_checkpoint(path: "str | os.PathLike") -> dict:
-    """Read one of our checkpoints safely (``weights_only=True``) and check it is a training checkpoint."""
-    from .checkpoint_io import CheckpointError, safe_load
-
-    state = safe_load(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a cacnb training checkpoint (no 'format': '{CHECKPOINT_FORMAT}'); "
-                         f"to start from other weights use cacnb.model.load_checkpoint instead of --resume")
-    for key in ("model", "optimizer", "iteration"):
-        if key not in state:
-            raise CheckpointError(f"{path}: checkpoint lacks '{key}', so the run cannot resume from it")
-    return state

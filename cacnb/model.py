@@ -35,6 +35,7 @@ from cacnb.checkpoint_io import (  # noqa: F401  (re-exported: cacnb.model is th
     official_to_ours, ours_to_official, safe_load,
 )
 from cacnb.config import Config, ModelConfig
+from cacnb.paths import resolve
 
 MULTI_GRID = (1, 2, 4)
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -248,8 +249,6 @@ def build_model(cfg: "Config | ModelConfig", num_classes: Optional[int] = None) 
         num_classes = cfg.data.num_classes
     model = CACModel(mcfg.backbone, num_classes, mcfg.output_stride, mcfg.proj_dim)
     if mcfg.pretrained:
-        from cacnb.paths import resolve
-
         load_imagenet_weights(model, resolve(mcfg.pretrained))
     else:
         warnings.warn(f"model.pretrained is None: the {mcfg.backbone} backbone starts from random weights, so "
@@ -257,6 +256,17 @@ def build_model(cfg: "Config | ModelConfig", num_classes: Optional[int] = None) 
     if mcfg.channels_last:
         model.to_channels_last()
     return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def maybe_sync_bn(model: nn.Module, cfg: "Config | ModelConfig", world_size: int,

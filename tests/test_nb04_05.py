@@ -83,13 +83,12 @@ def test_notebook_05_executes(tiny_run, tmp_path):
 
 
 def test_missing_checkpoint_falls_back_to_a_random_model(tiny_run):
-    from cacnb.evaluate import model_from_checkpoint
+    from cacnb.runs import load_run
 
-    model, cfg, loaded = model_from_checkpoint(str(tiny_run / "config.json"), tiny_run / "nope.pt",
-                                               allow_random=True)
-    assert loaded is None and not model.training and cfg.model.proj_dim == 16
+    run = load_run(tiny_run / "nope.pt", config=str(tiny_run / "config.json"), allow_random=True)
+    assert run.checkpoint is None and not run.model.training and run.config.model.proj_dim == 16
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        model_from_checkpoint(str(tiny_run / "config.json"), tiny_run / "nope.pt")
+        load_run(tiny_run / "nope.pt", config=str(tiny_run / "config.json"))
 
 
 @pytest.mark.parametrize("flip", [(False, False), (False, True), (True, False), (True, True)])

@@ -17,6 +17,8 @@ import torch
 
 from cacnb import notebook as nb
 from cacnb import style
+from cacnb.checkpoint_io import safe_load
+from cacnb.runs import training_progress
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -174,22 +176,24 @@ def _checkpoint(path, iteration, epochs=4, ipe=30):
 def test_model_notes_for_random_and_barely_trained_models(tmp_path):
     assert "untrained" in nb.model_note(None)
     barely = _checkpoint(tmp_path / "a.pt", 11)               # 11 of 120 planned: 9 %
-    assert nb.training_progress(barely) == (11, 120)
+    assert training_progress(safe_load(barely)) == (11, 120)
     assert "barely trained model: 11 of 120 planned iterations (9%)" in nb.model_note(barely, (11, 120))
     assert nb.model_note(barely, (12, 120)) is None          # 10 %: trained enough to be shown as is
     torch.save({"state_dict": {}}, tmp_path / "official.pth")
-    assert nb.training_progress(tmp_path / "official.pth") is None
+    assert training_progress(safe_load(tmp_path / "official.pth")) is None
 
 
 def test_describe_model_stamps_every_following_figure(tmp_path, capsys):
     import matplotlib.pyplot as plt
 
     try:
-        note = nb.describe_model(_checkpoint(tmp_path / "b.pt", 3))
+        barely = _checkpoint(tmp_path / "b.pt", 3)
+        note = nb.describe_model(barely, training_progress(safe_load(barely)))
         assert note.startswith("barely trained") and style.caveat() == f"Note: {note}"
         fig = style.finish(plt.figure())
         assert any("barely trained" in t.get_text() for t in fig.texts)
-        assert nb.describe_model(_checkpoint(tmp_path / "c.pt", 120)) is None
+        trained = _checkpoint(tmp_path / "c.pt", 120)
+        assert nb.describe_model(trained, training_progress(safe_load(trained))) is None
         assert style.caveat() is None and not style.finish(plt.figure()).texts
         assert "loaded" in capsys.readouterr().out
     finally:

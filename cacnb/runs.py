@@ -28,11 +28,11 @@ import torch
 
 from cacnb.checkpoint_io import FORMAT, CheckpointError, check_finite_state, load_model_state, safe_load
 from cacnb.config import Config, apply_overrides, get_key, load_config, parse_overrides, valid_keys
-from cacnb.model import build_model
+from cacnb.model import build_model, unwrap
 from cacnb.paths import resolve
 from cacnb.runlog import best_of, read_metrics
 
-__all__ = ["Run", "load_run", "find_checkpoint", "training_state", "training_progress", "config_diff",
+__all__ = ["Run", "load_run", "pair_outputs", "find_checkpoint", "training_state", "training_progress", "config_diff",
            "describe_diff", "default_device", "ARCHITECTURE_KEYS", "CHECKPOINT_NAMES"]
 
 # the settings that give the weights their shapes
@@ -226,3 +226,24 @@ def load_run(path: "str | os.PathLike", *, config: "str | os.PathLike | Config |
     return Run(config=cfg, model=model.to(device).eval(), checkpoint=checkpoint, run_dir=run_dir, metrics=metrics,
                state=kept)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# running an opened model
+
+
+@torch.inference_mode()
+def pair_outputs(model: torch.nn.Module, item: Mapping) -> list[dict]:
+    """``model.crop_outputs`` of both crops of a pair item (:class:`cacnb.data.pairs.PairDataset`), in eval mode
+    (the model's mode is restored): two ``{"feat", "proj", "logits"}`` at stride 8, batch dim dropped, on the CPU."""
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        outs = []
+        for k in range(2):
+            out = net.crop_outputs(item["image"][k:k + 1].to(device))
+            outs.append({name: value[0].float().cpu() for name, value in out.items()})
+    finally:
+        net.train(was_training)
+    return outs

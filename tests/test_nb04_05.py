@@ -93,8 +93,8 @@ def test_missing_checkpoint_falls_back_to_a_random_model(tiny_run):
 
 @pytest.mark.parametrize("flip", [(False, False), (False, True), (True, False), (True, True)])
 def test_viz_overlap_alignment_matches_the_loss(flip):
+    from cacnb.data.pairs import overlap_cells
     from cacnb.loss import gather_overlap
-    from cacnb.viz import overlap_cells
 
     g = torch.Generator().manual_seed(0)
     x_a, x_b = torch.rand(1, 3, 6, 7, generator=g), torch.rand(1, 3, 6, 7, generator=g)
@@ -110,7 +110,8 @@ def test_viz_overlap_alignment_matches_the_loss(flip):
 def test_counterpart_cell_shows_the_same_pixels(tiny_run):
     from cacnb.config import load_config
     from cacnb.data import build_pair_dataset
-    from cacnb.viz import counterpart, default_queries
+    from cacnb.data.pairs import counterpart
+    from cacnb.viz import default_queries
 
     cfg = load_config(str(tiny_run / "config.json"), {"data.photometric": False})
     pairs = build_pair_dataset(cfg.data)

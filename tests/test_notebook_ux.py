@@ -210,7 +210,7 @@ def pair_and_outputs(synthetic_data_dir, one_thread):
     from cacnb.config import load_config
     from cacnb.data import build_pair_dataset
     from cacnb.model import build_model
-    from cacnb.viz import pair_outputs
+    from cacnb.runs import pair_outputs
 
     cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "data.n_labeled": 8,
                                     "data.crop_size": 64, "data.base_size": 80, "data.photometric": False,
@@ -275,7 +275,7 @@ def test_every_pair_figure_names_views_and_uses_one_overlap_colour(pair_and_outp
 def test_multi_line_plots_have_legends(pair_and_outputs, synthetic_data_dir):
     import matplotlib.pyplot as plt
 
-    from cacnb import loss_viz
+    from cacnb.viz import loss_viz
     from cacnb.config import load_config
     from cacnb.model import build_model
 

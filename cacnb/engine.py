@@ -72,6 +72,8 @@ def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, ba
                generator: Optional[torch.Generator] = None) -> StepResult:
     """Forward both branches in one model call (one DDP forward) and return the loss and its terms.
 
+    ``model`` is a :class:`cacnb.model.TrainingForward` (possibly under DDP / torch.compile).
+
     ``batch_u`` is None in supervised mode and before ``epoch_start_unsup``.
     """
     from .loss import cac_unsup_loss
@@ -80,11 +82,11 @@ def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, ba
     x_l = batch_l["image"].to(device, non_blocking=True)
     y_l = batch_l["label"].to(device, non_blocking=True)
     if batch_u is None:
-        out = model(x_l, None, None, outputs="train")
+        out = model(x_l, None, None)
         loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
         return StepResult(loss_sup, {"loss_sup": loss_sup.detach()})
     pair = batch_u["image"].to(device, non_blocking=True)                       # [B, 2, 3, S, S]
-    out = model(x_l, pair[:, 0], pair[:, 1], outputs="train")
+    out = model(x_l, pair[:, 0], pair[:, 1])
     loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
     crop_a, crop_b = out["crops"]
     loss_unsup, stats = cac_unsup_loss(crop_a, crop_b, batch_u["overlap"].to(device), batch_u["flip"].to(device),

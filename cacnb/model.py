@@ -141,8 +141,8 @@ def _init_head(module: nn.Module) -> None:
 
 
 class CACModel(nn.Module):
-    """DeepLabv3+ + CAC heads. ``model(x)`` gives logits at the input size; ``model(x_l, x_u1, x_u2,
-    outputs="train")`` gives everything one CAC training step needs in a single forward call (for DDP)."""
+    """DeepLabv3+ + CAC heads. ``model(x)`` gives logits at the input size; :meth:`training_outputs` gives
+    everything one CAC training step needs (wrap the model in :class:`TrainingForward` to train it under DDP)."""
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 21, output_stride: int = 16,
                  proj_dim: int = 128, channels: int = 256):
@@ -186,15 +186,16 @@ class CACModel(nn.Module):
         return {"feat": feat, "proj": proj, "logits": self.classifier(feat)}
 
     # -- forward -------------------------------------------------------------------------------------------
-    def forward(self, x_l: Optional[torch.Tensor] = None, x_u1: Optional[torch.Tensor] = None,
-                x_u2: Optional[torch.Tensor] = None, outputs: str = "logits"):
-        if outputs == "logits":
-            if x_l is None:
-                raise ValueError("model(x) needs an input batch")
-            logits = self.classifier(self.encode(x_l))
-            return F.interpolate(logits, size=x_l.shape[-2:], mode="bilinear", align_corners=True)
-        if outputs != "train":
-            raise ValueError(f"outputs must be 'logits' or 'train', got {outputs!r}")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits ``[B,K,H,W]`` at the input size (inference, evaluation)."""
+        logits = self.classifier(self.encode(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+    def training_outputs(self, x_l: Optional[torch.Tensor] = None, x_u1: Optional[torch.Tensor] = None,
+                         x_u2: Optional[torch.Tensor] = None) -> dict:
+        """Everything one CAC training step needs: ``sup_logits`` of the labeled batch at stride 4 (None without
+        ``x_l``) and ``crops``, the :meth:`crop_outputs` of both crops of the pairs (empty without them). Under DDP
+        call it through :class:`TrainingForward`, whose ``forward`` it is, so the step is one DDP forward."""
         if (x_u1 is None) != (x_u2 is None):
             raise ValueError("CAC needs both crops of each pair: pass x_u1 and x_u2 together (or neither)")
         sup = None if x_l is None else self.classifier(self.encode(x_l))  # [B,K,H/4,W/4]
@@ -226,6 +227,22 @@ class CACModel(nn.Module):
         finally:
             self.train(was_training)
         return {name: tuple(feats[name].shape) for name in STAGES}
+
+
+class TrainingForward(nn.Module):
+    """The training step's view of a :class:`CACModel`: ``forward`` is :meth:`CACModel.training_outputs`.
+
+    DDP synchronises gradients of what runs through the ``forward`` of the module it wraps, so training wraps this
+    (not the model) in DDP, and one step is one DDP forward. It holds the model as ``module``, like DDP, so
+    :func:`unwrap` and checkpoints see the bare model."""
+
+    def __init__(self, model: CACModel):
+        super().__init__()
+        self.module = model
+
+    def forward(self, x_l: Optional[torch.Tensor] = None, x_u1: Optional[torch.Tensor] = None,
+                x_u2: Optional[torch.Tensor] = None) -> dict:
+        return self.module.training_outputs(x_l, x_u1, x_u2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +342,7 @@ def _part_gflops(meta: CACModel, image_size: Sequence[int]) -> dict[str, float]:
     return {name: f / 1e9 for name, f in flops.items()}
 
 
-def format_table(rows: list[dict]) -> str:
+def format_parts_table(rows: list[dict]) -> str:
     """Plain-text table of :func:`describe` rows."""
     lines = [f"{'part':<10}{'params':>14}{'GFLOPs':>10}"]
     for r in rows:

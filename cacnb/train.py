@@ -36,7 +36,7 @@ from .config import (PRESETS, Config, ConfigError, absolute_paths, atomic_write_
 from .checkpoint_io import first_nonfinite
 from .engine import (build_optimizer, first_bad_term, make_checkpoint, rng_state, save_checkpoint, set_lr,
                      set_rng_state, train_step)
-from .model import unwrap
+from .model import TrainingForward, unwrap
 from .interrupts import GracefulStop, Interrupted
 from .paths import RunDirLock, RunDirLocked, StorageError, remove_stale_temporaries, resolve
 from .runlog import MetricsLog, ScalarWriter, environment
@@ -176,14 +176,14 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 * self.rank + 17)
 
     def _wrap(self, model, unsup_active: Optional[bool] = None):
-        net = model
+        net = TrainingForward(model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             if unsup_active is None:
                 unsup_active = self.semi and self.iteration >= self.unsup_start
             # The projector idles until epoch_start_unsup: DDP must look for unused parameters only while it does
             # (searching once all are used costs a graph traversal per step and a warning). run() rewraps.
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
                                                             find_unused_parameters=self.semi and not unsup_active)
         if self.cfg.train.compile:
             net = torch.compile(net)

@@ -115,7 +115,7 @@ def check_parameters(shell=None) -> None:
 def papermill_injected(shell=None) -> bool:
     """True when the kernel ran a papermill-injected parameters cell."""
     if shell is None:
-        from IPython import get_ipython
+        from IPython import get_ipython  # lazy: IPython comes with the notebooks extra
 
         shell = get_ipython()
     history = list(getattr(getattr(shell, "history_manager", None), "input_hist_raw", None) or [])
@@ -186,7 +186,7 @@ def describe_model(loaded: "str | os.PathLike | None", progress: Optional[tuple[
     ``loaded``: the checkpoint loaded (None: a random model); ``progress``: its ``(iterations done, planned)``
     (``Run.progress`` of :func:`cacnb.runs.load_run`; None: not a training checkpoint). ``searched``: where a
     checkpoint was looked for. Returns the caveat (None for a trained model)."""
-    from IPython.display import Markdown, display
+    from IPython.display import Markdown, display  # lazy: IPython comes with the notebooks extra
 
     note = model_note(loaded, progress)
     style.set_caveat(f"Note: {note}" if note else None)

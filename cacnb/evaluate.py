@@ -318,7 +318,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
         result = evaluate_run(run, split=args.split, mode=mode, crop_size=crop, slide_stride=args.stride,
                               scales=args.scales, flip=args.flip, max_images=args.max_images,
                               progress=not args.no_progress)
-        names = palette.class_names(cfg.data.dataset)
+        names = result["class_names"]
         if dist.is_main():
             print(f"{cfg.name}: {run.checkpoint} on {result['num_images']} {args.split} images "
                   f"(mode={mode}, scales={list(args.scales)}, flip={args.flip}, world={dist.get_world_size()})")

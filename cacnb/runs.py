@@ -170,8 +170,8 @@ def _requested_config(config, run_dir: Optional[Path], saved: Optional[Mapping],
         source = saved
     else:
         raise FileNotFoundError(f"{where} holds no config (no config.json beside it, none saved in the "
-                                f"checkpoint): pass config= (a preset or JSON file), e.g. the one it was trained "
-                                f"with")
+                                f"checkpoint): pass the config it was trained with (config=, or --config of "
+                                f"`python -m cacnb.evaluate`: a preset or JSON file)")
     cfg = load_config(source, extra)
     cfg.model.pretrained = None  # the checkpoint's weights replace any initialisation
     return cfg

@@ -6,6 +6,7 @@ The public surface is small:
 - :func:`launch` -- run training under torchrun from a notebook and return the run dir
 - :func:`build_model`, :func:`load_checkpoint` -- DeepLabv3+ with the CAC classifier and projector (lazy: they
   import torch)
+- :func:`load_run` -- open a run dir or checkpoint: its config, model with weights, metrics and paths (lazy)
 
 The training loop itself is ``from cacnb.train import train`` (what ``python -m cacnb.train`` runs).
 """
@@ -22,7 +23,7 @@ from .config import Config, load_config  # noqa: E402
 # import torch.
 from .launch import launch  # noqa: E402
 
-_LAZY = {"build_model": "cacnb.model", "load_checkpoint": "cacnb.model"}
+_LAZY = {"build_model": "cacnb.model", "load_checkpoint": "cacnb.model", "load_run": "cacnb.runs"}
 
 __all__ = ["Config", "load_config", "launch", *sorted(_LAZY), "__version__"]
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cacnb.paths import resolve
+
 IMAGENET_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
@@ -81,8 +83,8 @@ def safe_load(path: "str | os.PathLike") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` allowing exactly numpy scalars and dtypes.
 
     Anything else (a class from a training script, a reduce to ``os.system``, ...) raises
-    :class:`UnsafeCheckpointError` naming the file and the refused global; a file that does not unpickle at all
-    raises :class:`CheckpointError` saying it is corrupt or not a torch checkpoint.
+    :class:`UnsafeCheckpointError` naming the file and the refused global; a file that does not unpickle at all,
+    or a truncated archive, raises :class:`CorruptCheckpointError` saying it is corrupt or not a torch checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -92,6 +94,12 @@ def safe_load(path: "str | os.PathLike") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, str(e)) from None
+    except RuntimeError as e:  # torch's zip reader: a truncated or half-copied file
+        if "PytorchStreamReader" not in str(e):
+            raise
+        reason = str(e).split(". ")[0]
+        raise CorruptCheckpointError(f"{path} is corrupt or not a torch checkpoint (the archive is incomplete, "
+                                     f"e.g. a truncated copy: {reason})") from None
 
 
 def _unpickling_error(path: Path, message: str) -> CheckpointError:
@@ -279,10 +287,12 @@ def load_checkpoint(model: nn.Module, path: "str | os.PathLike") -> dict:
     """
     path = Path(path)
     obj = safe_load(path)
-    return _load_model_obj(model, obj, str(path))
+    return load_model_state(model, obj, str(path))
 
 
-def _load_model_obj(model: nn.Module, obj: Any, source: str) -> dict:
+def load_model_state(model: nn.Module, obj: Any, source: str) -> dict:
+    """Strictly load the weights of an already read checkpoint object ``obj`` (see :func:`load_checkpoint`, which
+    reads the file first); ``source`` names it in errors. Returns what :func:`load_checkpoint` returns."""
     sd, kind = _model_state(obj, source)
     sd = strip_wrappers(sd)
     official = _is_official(sd)
@@ -302,11 +312,9 @@ def _load_model_obj(model: nn.Module, obj: Any, source: str) -> dict:
 def load_weights(model: nn.Module, path: "str | os.PathLike") -> str:
     """Notebook helper: load either ImageNet ResNet weights or a checkpoint, whichever ``path`` holds.
     Returns ``"imagenet"`` or the checkpoint kind."""
-    from cacnb.paths import resolve
-
     path = resolve(path)
     obj = safe_load(path)
     if _is_state_dict(obj) and "conv1.weight" in strip_wrappers(obj):
         _load_imagenet_sd(model, obj, str(path))
         return "imagenet"
-    return _load_model_obj(model, obj, str(path))["source"]
+    return load_model_state(model, obj, str(path))["source"]

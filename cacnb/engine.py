@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
+from .checkpoint_io import FORMAT as CHECKPOINT_FORMAT
 from .config import Config
+from .model import unwrap
 
-CHECKPOINT_FORMAT = "cacnb-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
@@ -71,6 +72,8 @@ def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, ba
                generator: Optional[torch.Generator] = None) -> StepResult:
     """Forward both branches in one model call (one DDP forward) and return the loss and its terms.
 
+    ``model`` is a :class:`cacnb.model.TrainingForward` (possibly under DDP / torch.compile).
+
     ``batch_u`` is None in supervised mode and before ``epoch_start_unsup``.
     """
     from .loss import cac_unsup_loss
@@ -79,11 +82,11 @@ def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, ba
     x_l = batch_l["image"].to(device, non_blocking=True)
     y_l = batch_l["label"].to(device, non_blocking=True)
     if batch_u is None:
-        out = model(x_l, None, None, outputs="train")
+        out = model(x_l, None, None)
         loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
         return StepResult(loss_sup, {"loss_sup": loss_sup.detach()})
     pair = batch_u["image"].to(device, non_blocking=True)                       # [B, 2, 3, S, S]
-    out = model(x_l, pair[:, 0], pair[:, 1], outputs="train")
+    out = model(x_l, pair[:, 0], pair[:, 1])
     loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
     crop_a, crop_b = out["crops"]
     loss_unsup, stats = cac_unsup_loss(crop_a, crop_b, batch_u["overlap"].to(device), batch_u["flip"].to(device),
@@ -121,17 +124,6 @@ def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator]) -
         generator.set_state(state["negatives"])
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def make_checkpoint(model, optimizer, cfg: Config, *, bank, scaler, epoch: int, iteration: int,
                     rngs: list, history: list, best_miou: float) -> dict:
     """A checkpoint of plain tensors and primitives, loadable with ``torch.load(weights_only=True)``."""
@@ -158,17 +150,3 @@ def save_checkpoint(state: dict, path: "str | os.PathLike") -> Path:
     from .paths import atomic_write
 
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_training_checkpoint(path: "str | os.PathLike") -> dict:
-    """Read one of our checkpoints safely (``weights_only=True``) and check it is a training checkpoint."""
-    from .checkpoint_io import CheckpointError, safe_load
-
-    state = safe_load(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a cacnb training checkpoint (no 'format': '{CHECKPOINT_FORMAT}'); "
-                         f"to start from other weights use cacnb.model.load_checkpoint instead of --resume")
-    for key in ("model", "optimizer", "iteration"):
-        if key not in state:
-            raise CheckpointError(f"{path}: checkpoint lacks '{key}', so the run cannot resume from it")
-    return state

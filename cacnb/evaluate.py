@@ -23,16 +23,23 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cacnb import dist
+from cacnb.checkpoint_io import CheckpointError
+from cacnb.config import atomic_write_text
+from cacnb.data import build_eval_dataset, palette
+from cacnb.data.errors import DatasetError
 from cacnb.metrics import ConfusionMeter, nan_to_none
+from cacnb.model import unwrap
+from cacnb.paths import resolve
+from cacnb.runlog import best_val
+from cacnb.runs import Run, find_checkpoint, load_run
 
 MODES = ("whole", "slide")
 PAD_MULTIPLE = 8
@@ -138,13 +145,6 @@ def predict(model: torch.nn.Module, image: torch.Tensor, *, mode: str = "whole",
 # dataset evaluation
 
 
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    """Unwrap DDP / torch.compile so evaluation forwards never trigger DDP's collectives."""
-    from cacnb.engine import unwrap
-
-    return unwrap(model)
-
-
 def shard_indices(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> list[int]:
     """This rank's images: ``range(n)[rank::world]`` (each image on exactly one rank, no duplicates)."""
     rank = dist.get_rank() if rank is None else rank
@@ -165,7 +165,7 @@ def evaluate(model: torch.nn.Module, dataset, num_classes: int, *, mode: str = "
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    net = _bare(model)
+    net = unwrap(model)  # bare: evaluation forwards must never trigger DDP's collectives
     device = next(net.parameters()).device
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     meter = ConfusionMeter(num_classes, ignore_index, device=device)
@@ -194,7 +194,7 @@ def evaluate(model: torch.nn.Module, dataset, num_classes: int, *, mode: str = "
 # the command line
 
 
-def format_table(result: dict, class_names: Optional[Sequence[str]] = None) -> str:
+def format_iou_table(result: dict, class_names: Optional[Sequence[str]] = None) -> str:
     """A plain-text per-class IoU table followed by mIoU and pixel accuracy."""
     ious = result["iou"]
     names = list(class_names) if class_names and len(class_names) == len(ious) else [str(i) for i in
@@ -230,8 +230,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cacnb.evaluate",
                                 description="Evaluate a cacnb or official CAC checkpoint on the val (or test) "
                                             "split.")
-    p.add_argument("--config", default="synthetic", help="preset name or JSON file (ours or official CAC)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint path (cacnb best.pt/last.pt or official)")
+    p.add_argument("--config", default=None,
+                   help="preset name or JSON file (ours or official CAC); default: the run's config.json, else the "
+                        "config saved in the checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run dir (its best.pt, else last.pt) or a checkpoint file (cacnb or official CAC)")
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="val (checkpoint selection) or test (reporting only; needs ImageSets/Segmentation/test.txt "
                         "or data.split_dir/test.txt)")
@@ -249,23 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_eval_config(source, overrides: Iterable[str] = (), data_dir: Optional[str] = None):
-    """The config to evaluate with: ``source`` + overrides (a dict of dotted keys, or ``key=value`` strings),
-    no ImageNet weights (a checkpoint follows)."""
-    from cacnb.config import load_config, parse_overrides
-
-    extra = parse_overrides(overrides)
-    if data_dir:
-        extra["data.data_dir"] = data_dir
-    cfg = load_config(source, extra)
-    cfg.model.pretrained = None
-    return cfg
-
-
 def build_val(cfg, split: str = "val"):
     """``cacnb.data.build_eval_dataset`` (val or test) with a hint when the list or dataset is missing."""
-    from cacnb.data import build_eval_dataset
-
     try:
         return build_eval_dataset(cfg.data, split)
     except FileNotFoundError as e:
@@ -275,204 +263,68 @@ def build_val(cfg, split: str = "val"):
             f"the dataset, or data.split_dir at a folder holding val.txt (notebook 00 sets the data up).") from e
 
 
-def checkpoint_mismatch(path, cfg) -> Optional[str]:
-    """How the config saved in a checkpoint differs from ``cfg`` (classes, backbone, projector), else None.
-
-    cacnb checkpoints save our config; official CAC checkpoints save their JSON config, which is mapped first.
-    Without a saved config the loader's own message (naming the tensor whose shape differs) explains.
-    """
-    saved = _saved_config(path)
-    if saved is None:
-        return None
-    saved = saved.to_dict()
-    problems = []
-    for section, key in (("data", "num_classes"), ("model", "backbone"), ("model", "proj_dim"),
-                         ("model", "output_stride")):
-        theirs = saved.get(section, {}).get(key)
-        ours = getattr(getattr(cfg, section), key)
-        if theirs is not None and theirs != ours:
-            problems.append(f"{section}.{key} is {theirs!r} in the checkpoint but {ours!r} in the config")
-    return "; ".join(problems) or None
-
-
-def load_for_eval(cfg, checkpoint, device) -> torch.nn.Module:
-    """Build the model of ``cfg`` and load ``checkpoint`` (ours or official) into it, with a mismatch hint.
-
-    A file that is unsafe to unpickle or corrupt is refused with that reason first; weights or buffers holding
-    NaN/Inf (a diverged run) are refused naming the tensor."""
-    from cacnb.checkpoint_io import CorruptCheckpointError, UnsafeCheckpointError, check_finite_state
-    from cacnb.model import build_model, load_checkpoint
-    from cacnb.paths import resolve
-
-    path = resolve(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found (looked at {path})")
-    with warnings.catch_warnings():  # the checkpoint replaces the random init, so its warning is moot
-        warnings.filterwarnings("ignore", message="model.pretrained is None")
-        model = build_model(cfg)
-    try:
-        load_checkpoint(model, path)
-    except (UnsafeCheckpointError, CorruptCheckpointError):
-        raise  # about the file itself, not the model: its message leads
-    except Exception as e:
-        why = checkpoint_mismatch(path, cfg)
-        hint = f" ({why})" if why else ""
-        raise ValueError(f"checkpoint {path} does not fit the model of config {cfg.name!r}{hint}. Pass the config "
-                         f"the checkpoint was trained with (its run dir's config.json), or fix the setting with "
-                         f"--set.\nLoader said: {e}") from e
-    check_finite_state(model.state_dict(), f"checkpoint {path}")
-    return model.to(device)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# notebook helpers: checkpoints of run dirs
+# evaluating an opened run (notebooks, sweep, the command line)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def find_checkpoint(run_dir) -> Optional[Path]:
-    """``best.pt`` of a run dir, else ``last.pt``, else None."""
-    from cacnb.paths import resolve
-
-    folder = resolve(run_dir)
-    for name in ("best.pt", "last.pt"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def config_for_checkpoint(config, checkpoint=None, *, data_dir: Optional[str] = None,
-                          overrides: Iterable[str] = ()):
-    """The config to rebuild a checkpoint's model with: the data section of ``config`` (preset or JSON, plus
-    ``data_dir`` and overrides), and -- when the checkpoint is a cacnb one that saved its config -- the model
-    section and ``data.num_classes`` it was trained with, so a demo run with non-default sizes loads as is."""
-    from cacnb.paths import resolve
-
-    cfg = load_eval_config(config, overrides, data_dir)
-    if checkpoint is None or not resolve(checkpoint).is_file():
-        return cfg
-    trained = _saved_config(resolve(checkpoint))
-    if trained is not None:
-        cfg.model = trained.model
-        cfg.model.pretrained = None
-        cfg.data.num_classes = trained.data.num_classes
-    return cfg
-
-
-def _saved_config(path):
-    """The Config a checkpoint was trained with (ours, or an official CAC JSON config mapped), else None."""
-    from cacnb.config import Config, ConfigError, from_official, is_official_json
-    from cacnb.model import safe_load
-
-    try:
-        ckpt = safe_load(path)
-    except Exception:  # unreadable: the loader's own error says why
-        return None
-    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(saved, dict):
-        return None
-    try:
-        return from_official(saved) if is_official_json(saved) else Config.from_dict(saved)
-    except (ConfigError, TypeError, ValueError, KeyError):
-        return None
-
-
-def model_from_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None, overrides: Iterable[str] = (),
-                          device=None, allow_random: bool = False):
-    """``(model, cfg, loaded)``: the model of :func:`config_for_checkpoint` with ``checkpoint`` loaded
-    (``loaded`` = its path). With ``allow_random`` a missing checkpoint gives a randomly initialised model and
-    ``loaded=None`` instead of an error (notebook 05 uses that to stay runnable before any training)."""
-    from cacnb.paths import resolve
-
-    device = torch.device(device) if device is not None else default_device()
-    path = resolve(checkpoint) if checkpoint else None
-    if path is None or not path.is_file():
-        if not allow_random:
-            raise FileNotFoundError(f"checkpoint {checkpoint!r} not found (looked at {path}); train first "
-                                    f"(notebook 03 or `python -m cacnb.demo`) or pass another path")
-        from cacnb.model import build_model
-
-        cfg = load_eval_config(config, overrides, data_dir)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the random-backbone warning: the caller reports it
-            return build_model(cfg).to(device).eval(), cfg, None
-    cfg = config_for_checkpoint(config, path, data_dir=data_dir, overrides=overrides)
-    model = load_for_eval(cfg, path, device)  # loader warnings (e.g. a projector kept at init) stay visible
-    return model.eval(), cfg, path
-
-
-def evaluate_checkpoint(config, checkpoint, *, data_dir: Optional[str] = None, mode: str = "whole",
-                        crop_size: Optional[int] = None, slide_stride: Optional[int] = None,
-                        scales: Sequence[float] = (1.0,), flip: bool = False, max_images: Optional[int] = None,
-                        overrides: Iterable[str] = (), progress: bool = True, device=None,
-                        split: str = "val") -> dict:
-    """Evaluate a checkpoint on the ``split`` ("val", or "test" where the dataset has one) of ``config``
-    (notebook 04's one call). Returns the :func:`evaluate` dict plus ``cfg``, ``checkpoint``, ``class_names``
-    and ``split``. ``device``: default CUDA if there is one, else CPU."""
-    from cacnb.data.palette import class_names
-
-    model, cfg, path = model_from_checkpoint(config, checkpoint, data_dir=data_dir, overrides=overrides,
-                                             device=device)
+def evaluate_run(run: Run, *, split: str = "val", mode: str = "whole", crop_size: Optional[int] = None,
+                 slide_stride: Optional[int] = None, scales: Sequence[float] = (1.0,), flip: bool = False,
+                 max_images: Optional[int] = None, progress: bool = True) -> dict:
+    """Evaluate an opened run (:func:`cacnb.runs.load_run`) on the ``split`` ("val", or "test" where the dataset
+    has one) of its config. Returns the :func:`evaluate` dict plus ``cfg``, ``checkpoint``, ``class_names`` and
+    ``split``."""
+    cfg = run.config
     dataset = build_val(cfg, split)
     if mode == "slide" and crop_size is None:
         crop_size = cfg.data.crop_size
-    result = evaluate(model, dataset, cfg.data.num_classes, mode=mode, crop_size=crop_size,
+    result = evaluate(run.model, dataset, cfg.data.num_classes, mode=mode, crop_size=crop_size,
                       slide_stride=slide_stride, scales=scales, flip=flip, ignore_index=cfg.data.ignore_index,
                       max_images=max_images, progress=progress)
-    names = list(class_names(cfg.data.dataset))[:cfg.data.num_classes]  # the synthetic sets use the first VOC ids
-    result.update(cfg=cfg, checkpoint=path, class_names=names, split=split)
+    # the synthetic sets use the first VOC ids
+    names = list(palette.class_names(cfg.data.dataset))[:cfg.data.num_classes]
+    result.update(cfg=cfg, checkpoint=run.checkpoint, class_names=names, split=split)
     return result
 
 
-def run_summary(run_dir, config, **evaluate_kwargs) -> Optional[dict]:
+def run_summary(run_dir, *, config=None, data_dir: Optional[str] = None, **evaluate_kwargs) -> Optional[dict]:
     """A run's per-class IoU for comparisons: evaluate its best/last checkpoint if there is one, else take the
     best ``val`` line of its ``metrics.jsonl``; None if the run dir has neither. ``source`` says which."""
-    from cacnb.paths import resolve
-    from cacnb.runlog import best_val
-
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is not None:
-        result = evaluate_checkpoint(config, ckpt, **evaluate_kwargs)
+    folder = resolve(run_dir)
+    if find_checkpoint(folder) is not None:
+        run = load_run(folder, config=config, data_dir=data_dir)
+        result = evaluate_run(run, **evaluate_kwargs)
         return {"miou": result["miou"], "iou": result["iou"], "pixel_acc": result["pixel_acc"],
-                "source": f"evaluated {ckpt}"}
-    if evaluate_kwargs.get("split", "val") != "val":
+                "source": f"evaluated {run.checkpoint}"}
+    if evaluate_kwargs.get("split", "val") != "val" or not (folder / "metrics.jsonl").is_file():
         return None  # metrics.jsonl only holds val numbers
-    if (resolve(run_dir) / "metrics.jsonl").is_file():
-        best = best_val(resolve(run_dir))
-        if best is not None:
-            iou = [float("nan") if v is None else float(v) for v in best.get("iou", [])]
-            return {"miou": best["miou"], "iou": iou, "pixel_acc": best.get("pixel_acc"),
-                    "source": f"best val line (iteration {best.get('iter')}) of {resolve(run_dir)}/metrics.jsonl"}
-    return None
+    best = best_val(folder)
+    if best is None:
+        return None
+    iou = [float("nan") if v is None else float(v) for v in best.get("iou", [])]
+    return {"miou": best["miou"], "iou": iou, "pixel_acc": best.get("pixel_acc"),
+            "source": f"best val line (iteration {best.get('iter')}) of {folder}/metrics.jsonl"}
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
+def cli(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse the command line, evaluate, print the table on rank 0, write ``--out``; returns the result."""
     args = _parser().parse_args(argv)
     device = dist.init_from_env()
     try:
-        cfg = load_eval_config(args.config, args.overrides, args.data_dir)
-        from cacnb.data.palette import class_names
-
-        dataset = build_val(cfg, args.split)
-        model = load_for_eval(cfg, args.checkpoint, device)
+        run = load_run(args.checkpoint, config=args.config, overrides=args.overrides, data_dir=args.data_dir,
+                       device=device)
+        cfg = run.config
         mode = args.mode or cfg.train.eval_mode
         crop = args.crop or (cfg.data.crop_size if mode == "slide" else None)
-        result = evaluate(model, dataset, cfg.data.num_classes, mode=mode, crop_size=crop,
-                          slide_stride=args.stride, scales=args.scales, flip=args.flip,
-                          ignore_index=cfg.data.ignore_index, max_images=args.max_images,
-                          progress=not args.no_progress)
-        names = class_names(cfg.data.dataset)
+        result = evaluate_run(run, split=args.split, mode=mode, crop_size=crop, slide_stride=args.stride,
+                              scales=args.scales, flip=args.flip, max_images=args.max_images,
+                              progress=not args.no_progress)
+        names = result["class_names"]
         if dist.is_main():
-            print(f"{cfg.name}: {args.checkpoint} on {result['num_images']} {args.split} images "
+            print(f"{cfg.name}: {run.checkpoint} on {result['num_images']} {args.split} images "
                   f"(mode={mode}, scales={list(args.scales)}, flip={args.flip}, world={dist.get_world_size()})")
-            print(format_table(result, names))
+            print(format_iou_table(result, names))
             if args.out:
-                from cacnb.config import atomic_write_text
-
-                payload = result_to_json(result, names, config=cfg.name, checkpoint=str(args.checkpoint),
+                payload = result_to_json(result, names, config=cfg.name, checkpoint=str(run.checkpoint),
                                          split=args.split, mode=mode, crop_size=crop, slide_stride=args.stride,
                                          scales=list(args.scales), flip=args.flip)
                 atomic_write_text(Path(args.out), json.dumps(payload, indent=2) + "\n")
@@ -484,11 +336,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry: user errors (missing files, bad config or checkpoint) print one message, exit code 2."""
-    from cacnb.checkpoint_io import CheckpointError
-    from cacnb.data.errors import DatasetError
-
     try:
-        run(argv)
+        cli(argv)
     except (FileNotFoundError, ValueError, DatasetError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

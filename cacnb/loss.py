@@ -19,6 +19,7 @@ from cacnb.contrastive import (  # noqa: F401  (re-exported: the public loss API
     directional_contrastive_loss,
     directional_contrastive_loss_reference,
 )
+from cacnb.data.pairs import overlap_cells
 
 __all__ = [
     "gather_overlap", "sample_negatives", "negatives_total", "negatives_per_crop", "negatives_note",
@@ -37,14 +38,11 @@ def _overlap_index(overlap_k, flip_k, h, w, stride):
     """Flat indices into a ``[B*h*w]`` map of crop k's overlap positions, row-major within each box.
 
     ``overlap_k`` ``[B, 4]`` (top, left, bottom, right) in the raw crop's pixels; ``flip_k`` ``[B]``: the map as
-    given is the raw crop flipped horizontally, so raw column ``x`` sits at column ``w - 1 - x``.
+    given is the raw crop flipped horizontally (:func:`cacnb.data.pairs.overlap_cells` places the cells).
     """
     cells = []
-    for b, (top, left, bottom, right) in enumerate((overlap_k // stride).tolist()):
-        rows = torch.arange(top, bottom)
-        cols = torch.arange(left, right)
-        if bool(flip_k[b]):
-            cols = w - 1 - cols
+    for b, box in enumerate(overlap_k.tolist()):
+        rows, cols = overlap_cells(box, bool(flip_k[b]), w, stride)
         cells.append(b * h * w + (rows[:, None] * w + cols[None, :]).reshape(-1))
     return torch.cat(cells) if cells else torch.zeros(0, dtype=torch.long)
 

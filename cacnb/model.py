@@ -35,6 +35,7 @@ from cacnb.checkpoint_io import (  # noqa: F401  (re-exported: cacnb.model is th
     official_to_ours, ours_to_official, safe_load,
 )
 from cacnb.config import Config, ModelConfig
+from cacnb.paths import resolve
 
 MULTI_GRID = (1, 2, 4)
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -140,8 +141,8 @@ def _init_head(module: nn.Module) -> None:
 
 
 class CACModel(nn.Module):
-    """DeepLabv3+ + CAC heads. ``model(x)`` gives logits at the input size; ``model(x_l, x_u1, x_u2,
-    outputs="train")`` gives everything one CAC training step needs in a single forward call (for DDP)."""
+    """DeepLabv3+ + CAC heads. ``model(x)`` gives logits at the input size; :meth:`training_outputs` gives
+    everything one CAC training step needs (wrap the model in :class:`TrainingForward` to train it under DDP)."""
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 21, output_stride: int = 16,
                  proj_dim: int = 128, channels: int = 256):
@@ -185,15 +186,16 @@ class CACModel(nn.Module):
         return {"feat": feat, "proj": proj, "logits": self.classifier(feat)}
 
     # -- forward -------------------------------------------------------------------------------------------
-    def forward(self, x_l: Optional[torch.Tensor] = None, x_u1: Optional[torch.Tensor] = None,
-                x_u2: Optional[torch.Tensor] = None, outputs: str = "logits"):
-        if outputs == "logits":
-            if x_l is None:
-                raise ValueError("model(x) needs an input batch")
-            logits = self.classifier(self.encode(x_l))
-            return F.interpolate(logits, size=x_l.shape[-2:], mode="bilinear", align_corners=True)
-        if outputs != "train":
-            raise ValueError(f"outputs must be 'logits' or 'train', got {outputs!r}")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits ``[B,K,H,W]`` at the input size (inference, evaluation)."""
+        logits = self.classifier(self.encode(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+    def training_outputs(self, x_l: Optional[torch.Tensor] = None, x_u1: Optional[torch.Tensor] = None,
+                         x_u2: Optional[torch.Tensor] = None) -> dict:
+        """Everything one CAC training step needs: ``sup_logits`` of the labeled batch at stride 4 (None without
+        ``x_l``) and ``crops``, the :meth:`crop_outputs` of both crops of the pairs (empty without them). Under DDP
+        call it through :class:`TrainingForward`, whose ``forward`` it is, so the step is one DDP forward."""
         if (x_u1 is None) != (x_u2 is None):
             raise ValueError("CAC needs both crops of each pair: pass x_u1 and x_u2 together (or neither)")
         sup = None if x_l is None else self.classifier(self.encode(x_l))  # [B,K,H/4,W/4]
@@ -227,6 +229,22 @@ class CACModel(nn.Module):
         return {name: tuple(feats[name].shape) for name in STAGES}
 
 
+class TrainingForward(nn.Module):
+    """The training step's view of a :class:`CACModel`: ``forward`` is :meth:`CACModel.training_outputs`.
+
+    DDP synchronises gradients of what runs through the ``forward`` of the module it wraps, so training wraps this
+    (not the model) in DDP, and one step is one DDP forward. It holds the model as ``module``, like DDP, so
+    :func:`unwrap` and checkpoints see the bare model."""
+
+    def __init__(self, model: CACModel):
+        super().__init__()
+        self.module = model
+
+    def forward(self, x_l: Optional[torch.Tensor] = None, x_u1: Optional[torch.Tensor] = None,
+                x_u2: Optional[torch.Tensor] = None) -> dict:
+        return self.module.training_outputs(x_l, x_u1, x_u2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # building
 
@@ -248,8 +266,6 @@ def build_model(cfg: "Config | ModelConfig", num_classes: Optional[int] = None) 
         num_classes = cfg.data.num_classes
     model = CACModel(mcfg.backbone, num_classes, mcfg.output_stride, mcfg.proj_dim)
     if mcfg.pretrained:
-        from cacnb.paths import resolve
-
         load_imagenet_weights(model, resolve(mcfg.pretrained))
     else:
         warnings.warn(f"model.pretrained is None: the {mcfg.backbone} backbone starts from random weights, so "
@@ -257,6 +273,17 @@ def build_model(cfg: "Config | ModelConfig", num_classes: Optional[int] = None) 
     if mcfg.channels_last:
         model.to_channels_last()
     return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def maybe_sync_bn(model: nn.Module, cfg: "Config | ModelConfig", world_size: int,
@@ -315,7 +342,7 @@ def _part_gflops(meta: CACModel, image_size: Sequence[int]) -> dict[str, float]:
     return {name: f / 1e9 for name, f in flops.items()}
 
 
-def format_table(rows: list[dict]) -> str:
+def format_parts_table(rows: list[dict]) -> str:
     """Plain-text table of :func:`describe` rows."""
     lines = [f"{'part':<10}{'params':>14}{'GFLOPs':>10}"]
     for r in rows:

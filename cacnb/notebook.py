@@ -115,7 +115,7 @@ def check_parameters(shell=None) -> None:
 def papermill_injected(shell=None) -> bool:
     """True when the kernel ran a papermill-injected parameters cell."""
     if shell is None:
-        from IPython import get_ipython
+        from IPython import get_ipython  # lazy: IPython comes with the notebooks extra
 
         shell = get_ipython()
     history = list(getattr(getattr(shell, "history_manager", None), "input_hist_raw", None) or [])
@@ -166,18 +166,6 @@ def run_dir(config: "Config | str", mode: str = "semi", out_dir: Optional[str] =
     return resolve(load_config(config, over).run_dir)
 
 
-def training_progress(checkpoint: "str | os.PathLike") -> Optional[tuple[int, int]]:
-    """``(iterations done, iterations planned)`` of a cacnb training checkpoint, None for other weights."""
-    from .checkpoint_io import safe_load
-
-    state = safe_load(checkpoint)
-    if not isinstance(state, Mapping) or "iteration" not in state or not isinstance(state.get("config"), Mapping):
-        return None
-    train = state["config"].get("train", {})
-    planned = int(train.get("epochs", 0)) * int(train.get("iters_per_epoch", 0))
-    return int(state["iteration"]), planned
-
-
 def model_note(loaded: "str | os.PathLike | None", progress: Optional[tuple[int, int]] = None) -> Optional[str]:
     """A one-line warning when the model is random (``loaded`` None) or barely trained, else None."""
     if loaded is None:
@@ -191,14 +179,16 @@ def model_note(loaded: "str | os.PathLike | None", progress: Optional[tuple[int,
     return None
 
 
-def describe_model(loaded: "str | os.PathLike | None", searched: "str | os.PathLike | None" = None) -> Optional[str]:
+def describe_model(loaded: "str | os.PathLike | None", progress: Optional[tuple[int, int]],
+                   searched: "str | os.PathLike | None" = None) -> Optional[str]:
     """Show what the figures' model is, and stamp every following figure when it is random or barely trained.
 
-    ``loaded``: the checkpoint loaded (None: a random model). ``searched``: where a checkpoint was looked for.
-    Returns the caveat (None for a trained model)."""
-    from IPython.display import Markdown, display
+    ``loaded``: the checkpoint loaded (None: a random model); ``progress``: its ``(iterations done, planned)``
+    (``Run.progress`` of :func:`cacnb.runs.load_run`; None: not a training checkpoint). ``searched``: where a
+    checkpoint was looked for. Returns the caveat (None for a trained model)."""
+    from IPython.display import Markdown, display  # lazy: IPython comes with the notebooks extra
 
-    note = model_note(loaded, training_progress(loaded) if loaded is not None else None)
+    note = model_note(loaded, progress)
     style.set_caveat(f"Note: {note}" if note else None)
     if note is None:
         print(f"loaded {loaded}")

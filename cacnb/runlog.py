@@ -163,11 +163,15 @@ def split_kinds(records: Iterable[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def best_val(run_dir: "str | os.PathLike") -> Optional[dict]:
-    """The validation record with the highest mIoU, or None."""
-    vals = split_kinds(read_metrics(run_dir)).get("val", [])
-    vals = [v for v in vals if v.get("miou") is not None]
+def best_of(records: Iterable[dict]) -> Optional[dict]:
+    """The validation record with the highest mIoU among ``records``, or None."""
+    vals = [v for v in split_kinds(records).get("val", []) if v.get("miou") is not None]
     return max(vals, key=lambda v: v["miou"]) if vals else None
+
+
+def best_val(run_dir: "str | os.PathLike") -> Optional[dict]:
+    """The validation record of a run dir's ``metrics.jsonl`` with the highest mIoU, or None."""
+    return best_of(read_metrics(run_dir))
 
 
 def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", figsize=(15, 3.8)):

@@ -282,7 +282,8 @@ class Runner:
                     self.procs.discard(proc)
 
     def _evaluate(self, spec: RunSpec, run_dir: Path, seconds: float) -> dict:
-        from .evaluate import evaluate_checkpoint, result_to_json
+        from .evaluate import evaluate_run, result_to_json
+        from .runs import load_run
         from .runlog import best_val
 
         results = {}
@@ -291,7 +292,7 @@ class Runner:
             if not ckpt.is_file():
                 results[which] = None
                 continue
-            r = evaluate_checkpoint(str(run_dir / "config.json"), ckpt, split="test", progress=False)
+            r = evaluate_run(load_run(ckpt, config=run_dir / "config.json"), split="test", progress=False)
             results[which] = result_to_json(r, r["class_names"], checkpoint=str(ckpt), split="test")
         if results["final"] is None:
             raise FileNotFoundError(f"{run_dir / 'last.pt'} is missing after training")

@@ -34,11 +34,13 @@ from . import dist
 from .config import (PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config, per_rank_batch,
                      save_config, valid_keys)
 from .checkpoint_io import first_nonfinite
-from .engine import (build_optimizer, first_bad_term, load_training_checkpoint, make_checkpoint, rng_state,
-                     save_checkpoint, set_lr, set_rng_state, train_step, unwrap)
+from .engine import (build_optimizer, first_bad_term, make_checkpoint, rng_state, save_checkpoint, set_lr,
+                     set_rng_state, train_step)
+from .model import TrainingForward, unwrap
 from .interrupts import GracefulStop, Interrupted
 from .paths import RunDirLock, RunDirLocked, StorageError, remove_stale_temporaries, resolve
 from .runlog import MetricsLog, ScalarWriter, environment
+from .runs import config_diff, describe_diff, training_state
 
 
 class TrainingDiverged(FloatingPointError):
@@ -174,14 +176,14 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 * self.rank + 17)
 
     def _wrap(self, model, unsup_active: Optional[bool] = None):
-        net = model
+        net = TrainingForward(model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             if unsup_active is None:
                 unsup_active = self.semi and self.iteration >= self.unsup_start
             # The projector idles until epoch_start_unsup: DDP must look for unused parameters only while it does
             # (searching once all are used costs a graph traversal per step and a warning). run() rewraps.
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
                                                             find_unused_parameters=self.semi and not unsup_active)
         if self.cfg.train.compile:
             net = torch.compile(net)
@@ -198,7 +200,7 @@ class Trainer:
         if not Path(path).exists():
             raise FileNotFoundError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: the run dir "
                                     f"must be on a file system that every node shares")
-        state = load_training_checkpoint(path)
+        state = training_state(path)
         _check_same_run(state.get("config") or {}, self.cfg, path, force=self.force)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -447,49 +449,28 @@ RESUME_FREE_KEYS = ("train.resume", "train.max_iters", "data.num_workers", "data
                     "train.log_every", "model.pretrained")
 
 
-def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
-    """``{key: (saved value, new value)}`` for every key of ``cfg`` that differs from the ``saved`` config dict."""
-    from .config import get_key
-
-    changes = {}
-    for key in valid_keys(cfg):
-        if key == "name" or key in RESUME_FREE_KEYS:
-            continue
-        section, name = key.split(".")
-        if name not in saved.get(section, {}):
-            continue  # written by an older version without this key
-        theirs, ours = saved[section][name], get_key(cfg, key)
-        if isinstance(ours, tuple):
-            theirs = tuple(theirs) if isinstance(theirs, list) else theirs
-        if theirs != ours:
-            changes[key] = (theirs, ours)
-    return changes
-
-
 def _check_same_run(saved: dict, cfg: Config, path, *, force: bool = False) -> None:
     """Refuse to resume a checkpoint of a different run (another mode, backbone, ...) in the same run dir, or
     one whose data, split or schedule changed (unless ``force``); report every other changed key."""
     from .checkpoint_io import CheckpointError
 
-    changes = config_changes(saved, cfg)
-    def describe(keys):
-        return "; ".join(f"{k} is {changes[k][0]!r} there but {changes[k][1]!r} here" for k in keys)
-
+    changes = config_diff(saved, cfg, skip=RESUME_FREE_KEYS)
     different = [k for k in DIFFERENT_RUN_KEYS if k in changes]
     if different:
-        raise CheckpointError(f"{path} belongs to a different run ({describe(different)}). Choose another "
-                              f"train.run_name or train.out_dir, or move that run away")
+        raise CheckpointError(f"{path} belongs to a different run ({describe_diff(changes, different)}). Choose "
+                              f"another train.run_name or train.out_dir, or move that run away")
     defining = [k for k in RUN_DEFINING_KEYS if k in changes]
     if defining and not force:
-        raise CheckpointError(f"{path}: resuming would change the run's data or split ({describe(defining)}), so "
-                              f"the continuation would not be the run it claims to be. Restore the saved "
+        raise CheckpointError(f"{path}: resuming would change the run's data or split "
+                              f"({describe_diff(changes, defining)}), so the continuation would not be the run it "
+                              f"claims to be. Restore the saved "
                               f"values (its config.json), start a new run (another train.run_name), or pass "
                               f"--force to resume anyway")
     rest = [k for k in changes if k not in defining]
     if (rest or defining) and dist.is_main():
-        forced = f" (--force: {describe(defining)})" if defining else ""
-        print(f"[cacnb] resuming {path} with changed settings: {describe(rest) or 'none other'}{forced}",
-              flush=True)
+        forced = f" (--force: {describe_diff(changes, defining)})" if defining else ""
+        print(f"[cacnb] resuming {path} with changed settings: {describe_diff(changes, rest) or 'none other'}"
+              f"{forced}", flush=True)
 
 
 def _check_negatives(cfg: Config, world: int) -> None:

@@ -59,7 +59,7 @@ def test_multi_grid_dilations_resnet50():
 def test_train_outputs(r18):
     model = r18.train()
     x_l, x_u1, x_u2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 96), torch.randn(2, 3, 64, 96)
-    out = model(x_l, x_u1, x_u2, outputs="train")
+    out = model.training_outputs(x_l, x_u1, x_u2)
     model.eval()
     assert out["sup_logits"].shape == (2, 21, 16, 16)
     assert len(out["crops"]) == 2
@@ -77,14 +77,23 @@ def test_train_outputs(r18):
 
 def test_train_outputs_optional_parts(r18):
     with torch.no_grad():
-        sup_only = r18(torch.randn(2, 3, 32, 32), outputs="train")
-        crops_only = r18(None, torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32), outputs="train")
+        sup_only = r18.training_outputs(torch.randn(2, 3, 32, 32))
+        crops_only = r18.training_outputs(None, torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
     assert sup_only["crops"] == [] and sup_only["sup_logits"].shape == (2, 21, 8, 8)
     assert crops_only["sup_logits"] is None and len(crops_only["crops"]) == 2
     with pytest.raises(ValueError, match="both crops"):
-        r18(None, torch.randn(1, 3, 32, 32), outputs="train")
-    with pytest.raises(ValueError, match="outputs"):
-        r18(torch.randn(1, 3, 32, 32), outputs="features")
+        r18.training_outputs(None, torch.randn(1, 3, 32, 32))
+
+
+def test_training_forward_is_the_training_outputs_under_one_forward(r18):
+    from cacnb.model import TrainingForward, unwrap
+
+    net = TrainingForward(r18.eval())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)["sup_logits"], r18.training_outputs(x)["sup_logits"])
+        assert r18(x).shape == (1, 21, 32, 32)                 # the model's own forward: logits only
+    assert unwrap(net) is r18 and list(net.state_dict()) == [f"module.{k}" for k in r18.state_dict()]
 
 
 def test_parameter_counts_match_official():

@@ -83,19 +83,18 @@ def test_notebook_05_executes(tiny_run, tmp_path):
 
 
 def test_missing_checkpoint_falls_back_to_a_random_model(tiny_run):
-    from cacnb.evaluate import model_from_checkpoint
+    from cacnb.runs import load_run
 
-    model, cfg, loaded = model_from_checkpoint(str(tiny_run / "config.json"), tiny_run / "nope.pt",
-                                               allow_random=True)
-    assert loaded is None and not model.training and cfg.model.proj_dim == 16
+    run = load_run(tiny_run / "nope.pt", config=str(tiny_run / "config.json"), allow_random=True)
+    assert run.checkpoint is None and not run.model.training and run.config.model.proj_dim == 16
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        model_from_checkpoint(str(tiny_run / "config.json"), tiny_run / "nope.pt")
+        load_run(tiny_run / "nope.pt", config=str(tiny_run / "config.json"))
 
 
 @pytest.mark.parametrize("flip", [(False, False), (False, True), (True, False), (True, True)])
 def test_viz_overlap_alignment_matches_the_loss(flip):
+    from cacnb.data.pairs import overlap_cells
     from cacnb.loss import gather_overlap
-    from cacnb.viz import overlap_cells
 
     g = torch.Generator().manual_seed(0)
     x_a, x_b = torch.rand(1, 3, 6, 7, generator=g), torch.rand(1, 3, 6, 7, generator=g)
@@ -111,7 +110,8 @@ def test_viz_overlap_alignment_matches_the_loss(flip):
 def test_counterpart_cell_shows_the_same_pixels(tiny_run):
     from cacnb.config import load_config
     from cacnb.data import build_pair_dataset
-    from cacnb.viz import counterpart, default_queries
+    from cacnb.data.pairs import counterpart
+    from cacnb.viz import default_queries
 
     cfg = load_config(str(tiny_run / "config.json"), {"data.photometric": False})
     pairs = build_pair_dataset(cfg.data)

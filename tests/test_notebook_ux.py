@@ -17,6 +17,8 @@ import torch
 
 from cacnb import notebook as nb
 from cacnb import style
+from cacnb.checkpoint_io import safe_load
+from cacnb.runs import training_progress
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -174,22 +176,24 @@ def _checkpoint(path, iteration, epochs=4, ipe=30):
 def test_model_notes_for_random_and_barely_trained_models(tmp_path):
     assert "untrained" in nb.model_note(None)
     barely = _checkpoint(tmp_path / "a.pt", 11)               # 11 of 120 planned: 9 %
-    assert nb.training_progress(barely) == (11, 120)
+    assert training_progress(safe_load(barely)) == (11, 120)
     assert "barely trained model: 11 of 120 planned iterations (9%)" in nb.model_note(barely, (11, 120))
     assert nb.model_note(barely, (12, 120)) is None          # 10 %: trained enough to be shown as is
     torch.save({"state_dict": {}}, tmp_path / "official.pth")
-    assert nb.training_progress(tmp_path / "official.pth") is None
+    assert training_progress(safe_load(tmp_path / "official.pth")) is None
 
 
 def test_describe_model_stamps_every_following_figure(tmp_path, capsys):
     import matplotlib.pyplot as plt
 
     try:
-        note = nb.describe_model(_checkpoint(tmp_path / "b.pt", 3))
+        barely = _checkpoint(tmp_path / "b.pt", 3)
+        note = nb.describe_model(barely, training_progress(safe_load(barely)))
         assert note.startswith("barely trained") and style.caveat() == f"Note: {note}"
         fig = style.finish(plt.figure())
         assert any("barely trained" in t.get_text() for t in fig.texts)
-        assert nb.describe_model(_checkpoint(tmp_path / "c.pt", 120)) is None
+        trained = _checkpoint(tmp_path / "c.pt", 120)
+        assert nb.describe_model(trained, training_progress(safe_load(trained))) is None
         assert style.caveat() is None and not style.finish(plt.figure()).texts
         assert "loaded" in capsys.readouterr().out
     finally:
@@ -206,7 +210,7 @@ def pair_and_outputs(synthetic_data_dir, one_thread):
     from cacnb.config import load_config
     from cacnb.data import build_pair_dataset
     from cacnb.model import build_model
-    from cacnb.viz import pair_outputs
+    from cacnb.runs import pair_outputs
 
     cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "data.n_labeled": 8,
                                     "data.crop_size": 64, "data.base_size": 80, "data.photometric": False,
@@ -271,7 +275,7 @@ def test_every_pair_figure_names_views_and_uses_one_overlap_colour(pair_and_outp
 def test_multi_line_plots_have_legends(pair_and_outputs, synthetic_data_dir):
     import matplotlib.pyplot as plt
 
-    from cacnb import loss_viz
+    from cacnb.viz import loss_viz
     from cacnb.config import load_config
     from cacnb.model import build_model
 

@@ -277,8 +277,8 @@ def test_saving_refuses_inf_batchnorm_statistics(tmp_path):
 
 @pytest.mark.filterwarnings("ignore")
 def test_evaluation_refuses_non_finite_buffers_naming_the_tensor(tmp_path, synthetic_data_dir):
-    from cacnb.evaluate import load_for_eval
     from cacnb.model import build_model
+    from cacnb.runs import load_run
 
     cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "model.proj_dim": 16})
     model = build_model(cfg)
@@ -286,7 +286,7 @@ def test_evaluation_refuses_non_finite_buffers_naming_the_tensor(tmp_path, synth
     model.get_submodule(bn).running_mean[0] = float("nan")
     save_model_checkpoint(model, tmp_path / "nan.pt", cfg)
     with pytest.raises(CheckpointError, match=rf"non-finite values \(NaN/Inf\) in '{bn}.running_mean'"):
-        load_for_eval(cfg, tmp_path / "nan.pt", torch.device("cpu"))
+        load_run(tmp_path / "nan.pt", config=cfg, device="cpu")
 
 
 # -- item 13: an unsafe pickle is refused as such ---------------------------------------------------------------

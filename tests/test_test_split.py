@@ -11,7 +11,8 @@ from cacnb.data import build_eval_dataset
 from cacnb.data.errors import DatasetError
 from cacnb.data.splits import eval_split_file, read_split, resolve_splits, voc_train_ids
 from cacnb.data.palette import VOC_CLASSES
-from cacnb.evaluate import evaluate_checkpoint, main as evaluate_main, result_to_json
+from cacnb.evaluate import evaluate_run, main as evaluate_main, result_to_json
+from cacnb.runs import load_run
 from cacnb.model import build_model
 
 from conftest import save_model_checkpoint
@@ -63,10 +64,10 @@ def test_evaluate_api_and_cli_on_test(held_out_dir, tmp_path, capsys, one_thread
     torch.manual_seed(0)
     model = build_model(cfg)
     ckpt = save_model_checkpoint(model, tmp_path / "m.pt", cfg)
-    on_test = evaluate_checkpoint("synthetic", ckpt, data_dir=str(held_out_dir), split="test", progress=False,
-                                  device="cpu")
-    on_val = evaluate_checkpoint("synthetic", ckpt, data_dir=str(held_out_dir), progress=False, device="cpu",
-                                 overrides=["data.n_labeled=6"])
+    on_test = evaluate_run(load_run(ckpt, config="synthetic", data_dir=str(held_out_dir), device="cpu"),
+                           split="test", progress=False)
+    on_val = evaluate_run(load_run(ckpt, config="synthetic", data_dir=str(held_out_dir), device="cpu",
+                                   overrides=["data.n_labeled=6"]), progress=False)
     assert on_test["num_images"] == 4 and on_val["num_images"] == 6 and on_test["split"] == "test"
     # one name per class of the model (the synthetic set uses the first VOC ids), so result_to_json keeps them
     assert on_test["class_names"] == list(VOC_CLASSES[:on_test["cfg"].data.num_classes])

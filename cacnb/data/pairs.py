@@ -69,6 +69,39 @@ def overlap_boxes(height: int, width: int, offset_a: tuple[int, int], offset_b: 
     return boxes[0], boxes[1]
 
 
+def overlap_cells(box: Sequence[int], flipped: bool, grid_w: int,
+                  stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature-map cells of one crop's overlap ``box`` (top, left, bottom, right in the crop's unflipped
+    pixels) on its stride-``stride`` map of width ``grid_w``, as the map is given (mirrored when ``flipped``):
+    ``(rows, cols)`` index tensors, ordered by unflipped position. Cell ``(rows[i], cols[j])`` of crop a and of
+    crop b hold the same image content, which is what the loss gathers and the figures line up."""
+    top, left, bottom, right = (int(v) // stride for v in box)
+    cols = torch.arange(left, right)
+    if flipped:
+        cols = grid_w - 1 - cols
+    return torch.arange(top, bottom), cols
+
+
+def displayed_box(box: Sequence[int], flipped: bool, width: int) -> Box:
+    """An overlap box in a crop's unflipped pixels -> on the crop as given (mirrored when ``flipped``)."""
+    top, left, bottom, right = (int(v) for v in box)
+    if flipped:
+        left, right = width - right, width - left
+    return top, left, bottom, right
+
+
+def counterpart(item, y: int, x: int, grid_hw: tuple[int, int], stride: int = 8) -> Optional[tuple[int, int]]:
+    """The cell of crop b (as given) seeing the same image content as cell ``(y, x)`` of crop a (as given) in a
+    :class:`PairDataset` item, or None when ``(y, x)`` lies outside the overlap."""
+    overlap, flip = item["overlap"], item["flip"]
+    rows_a, cols_a = overlap_cells(overlap[0], bool(flip[0]), grid_hw[1], stride)
+    rows_b, cols_b = overlap_cells(overlap[1], bool(flip[1]), grid_hw[1], stride)
+    i, j = (rows_a == y).nonzero(), (cols_a == x).nonzero()
+    if i.numel() == 0 or j.numel() == 0:
+        return None
+    return int(rows_b[int(i[0])]), int(cols_b[int(j[0])])
+
+
 def _randint(lo: int, hi: int, generator: Optional[torch.Generator]) -> int:
     """Uniform in [lo, hi], both inclusive."""
     return int(torch.randint(lo, hi + 1, (), generator=generator).item())

@@ -2,8 +2,9 @@ r"""The CAC loss on one crop pair, term by term, for notebook 02 (figures return
 
 :func:`pair_terms` runs the model on a pair and prepares exactly what :func:`cacnb.loss.cac_unsup_loss` feeds
 the loss: overlap features, confidences, pseudo-labels and sampled negatives. The other functions explain or
-plot pieces of it. Pair geometry and the crop / confidence figures come from :mod:`cacnb.viz`; names and
-colours from :mod:`cacnb.style`: the loss code's ``_a`` / ``_b`` are view 1 / view 2, so ``loss_a`` is
+plot pieces of it. The model runs on the pair through :func:`cacnb.runs.pair_outputs`; the crop / confidence
+figures are in :mod:`cacnb.viz.figures` and :mod:`cacnb.viz.features`; names and colours come from
+:mod:`cacnb.style`: the loss code's ``_a`` / ``_b`` are view 1 / view 2, so ``loss_a`` is
 :math:`\mathcal{L}^{1\leftarrow 2}` (view 1 pulled towards view 2).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -23,6 +25,8 @@ from cacnb.loss import (
     gather_overlap,
     sample_crop_negatives,
 )
+from cacnb.runs import pair_outputs
+from cacnb.viz.widgets import slider_explorer
 
 
 @dataclass
@@ -50,8 +54,6 @@ class PairTerms:
 def pair_terms(model, item: Mapping, loss_cfg, *, pos_thresh: Optional[float] = None, seed: int = 0,
                stride: int = 8) -> PairTerms:
     """Run ``model`` (eval mode) on both crops of a pair item and gather the loss inputs as training does."""
-    from cacnb.viz import pair_outputs
-
     outputs = pair_outputs(model, item)                                  # 2 x {"proj": [c, h, w], ...}
     proj = [o["proj"][None] for o in outputs]                            # [1, c, h, w]
     conf, label = zip(*(confidence_and_pseudo_label(o["logits"][None]) for o in outputs))
@@ -151,17 +153,10 @@ def check_against_reference(terms: PairTerms, *, pos_thresh: Optional[float] = N
 # figures
 
 
-def _plt():
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_direction_rule(terms: PairTerms, pos_thresh: Optional[float] = None):
     """Left: view 2's confidence against view 1's for every overlap position, with the threshold γ and the
     diagonal that decide the direction. Right: the same decision on the overlap grid (view 1's raw layout).
     ``pos_thresh``: γ to draw the rule for (default: the terms' own)."""
-    plt = _plt()
     gamma = terms.pos_thresh if pos_thresh is None else float(pos_thresh)
     w_a, w_b = direction_weights(terms.conf_a, terms.conf_b, gamma)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
@@ -188,15 +183,12 @@ def plot_direction_rule(terms: PairTerms, pos_thresh: Optional[float] = None):
 
 def direction_explorer(terms: PairTerms, interactive: Optional[bool] = None):
     """:func:`plot_direction_rule` with a γ slider (JupyterLab); the terms' own γ as a static figure otherwise."""
-    from cacnb.viz import slider_explorer
-
     return slider_explorer(lambda gamma: plot_direction_rule(terms, gamma),
                            {"gamma": (float(terms.pos_thresh), 0.0, 1.0, 0.05)}, interactive)
 
 
 def plot_negatives(terms: PairTerms, class_names: Optional[Sequence[str]] = None):
     """Negatives per pseudo-label, and per anchor how many the same-label filter keeps."""
-    plt = _plt()
     per = per_anchor_terms(terms)
     k = int(max(terms.neg_label.max(), terms.label_a.max(), terms.label_b.max())) + 1
     neg_counts = torch.bincount(terms.neg_label, minlength=k)
@@ -222,7 +214,6 @@ def plot_negatives(terms: PairTerms, class_names: Optional[Sequence[str]] = None
 
 def plot_per_anchor_loss(terms: PairTerms):
     """l_i on the overlap grid for each direction, blank where the directional mask w_i is 0."""
-    plt = _plt()
     per = per_anchor_terms(terms)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     top = float(torch.cat([per["l_a"], per["l_b"]]).max())

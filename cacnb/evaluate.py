@@ -470,7 +470,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                   f"(mode={mode}, scales={list(args.scales)}, flip={args.flip}, world={dist.get_world_size()})")
             print(format_table(result, names))
             if args.out:
-                from cacnb.config import atomic_write_text
+                from cacnb.paths import atomic_write_text
 
                 payload = result_to_json(result, names, config=cfg.name, checkpoint=str(args.checkpoint),
                                          split=args.split, mode=mode, crop_size=crop, slide_stride=args.stride,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from .config import atomic_write_text
+from .paths import atomic_write_text
 
 RESULT_COLUMNS = ("run", "mode", "seed", "overrides", "val_miou", "test_miou", "test_miou_final", "best_iter",
                   "train_seconds", "status", "log")

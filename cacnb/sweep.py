@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import (MODES, PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config,
-                     parse_overrides)
-from .paths import resolve
+from .config import MODES, PRESETS, Config, ConfigError, absolute_paths, load_config, parse_overrides
+from .paths import atomic_write_text, resolve
 from .results import write_results_csv, write_results_md
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_training.ipynb"

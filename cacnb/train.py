@@ -31,13 +31,13 @@ from typing import Optional
 import torch
 
 from . import dist
-from .config import (PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config, per_rank_batch,
+from .config import (PRESETS, Config, ConfigError, absolute_paths, load_config, per_rank_batch,
                      save_config, valid_keys)
 from .checkpoint_io import first_nonfinite
 from .engine import (build_optimizer, first_bad_term, load_training_checkpoint, make_checkpoint, rng_state,
                      save_checkpoint, set_lr, set_rng_state, train_step, unwrap)
 from .interrupts import GracefulStop, Interrupted
-from .paths import RunDirLock, RunDirLocked, StorageError, remove_stale_temporaries, resolve
+from .paths import RunDirLock, RunDirLocked, StorageError, atomic_write_text, remove_stale_temporaries, resolve
 from .runlog import MetricsLog, ScalarWriter, environment
 
 

@@ -17,7 +17,7 @@ from cacnb.data import official
 from cacnb.data.preflight import check_dataset
 from cacnb.data.splits import read_split, resolve_splits
 from cacnb.loss import negatives_note, negatives_per_crop
-from cacnb.official_json import RULES, _leaves, import_official
+from cacnb.config.official import RULES, _leaves, import_official
 
 SHIPPED = Path(__file__).resolve().parents[1] / "cacnb" / "data" / "official_splits"
 

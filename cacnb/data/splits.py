@@ -23,8 +23,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from ..config import atomic_write_text
-from ..paths import resolve
+from ..paths import atomic_write_text, resolve
 from .errors import DatasetError, with_readme
 
 Pair = tuple[str, str]  # (image path, label path), relative to the dataset root, leading slash kept

@@ -1,0 +1,32 @@
+"""Overrides: ``["train.epochs=3"]`` (the CLI's ``--set``), a mapping ``{"train.epochs": 3}``, or the
+``overrides`` papermill parameter of the notebooks, applied to a :class:`Config` with typed values.
+
+An unknown key is a :class:`ConfigError` naming the closest valid keys (:func:`cacnb.config.schema.set_keys`), so
+a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from .schema import Config, ConfigError, set_keys
+
+
+def parse_overrides(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["a.b=1", "c.d=x"]`` or a mapping -> ``{"a.b": "1", ...}``."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return dict(items)
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str] | Mapping[str, Any] | None) -> Config:
+    """Return a copy of ``cfg`` with typed overrides applied. Unknown keys raise :class:`ConfigError`."""
+    return set_keys(cfg, parse_overrides(overrides))
+

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -178,8 +179,6 @@ def read_results(sweep_dir: "str | Path") -> list[dict]:
 
 def write_results_csv(path: "str | Path", rows: Sequence[Mapping]) -> Path:
     """``results.csv`` with :data:`RESULT_COLUMNS`, written atomically."""
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

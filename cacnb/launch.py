@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .config import Config, absolute_paths, load_config, save_config
+from .config import Config, load_config, save_config
 
 
 class LaunchError(RuntimeError):
@@ -77,8 +77,8 @@ def launch(config: "Config | str" = "synthetic", *, nproc: int = 1,
     ``CACNB_DIST_TIMEOUT`` environment variable (default 600 s). ``force`` and ``make_synthetic`` are
     ``cacnb.train``'s ``--force`` (resume despite changed data/split settings) and ``--make-synthetic``.
     """
-    # resolve here, where the kernel's cwd applies: the worker runs from the project root
-    cfg = absolute_paths(load_config(config, overrides))
+    # load here, where the kernel's cwd applies (load_config resolves the paths): the worker runs from the root
+    cfg = load_config(config, overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # not config.json: a start the worker refuses (run dir in use, changed settings) must leave the run's intact

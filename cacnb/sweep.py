@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .config import MODES, PRESETS, Config, ConfigError, absolute_paths, load_config, parse_overrides
+from .config import MODES, PRESETS, Config, ConfigError, load_config, parse_overrides
 from .data.errors import DatasetError
 from .data.splits import eval_pairs, split_lists
 from .evaluate import evaluate_checkpoint, result_to_json
@@ -169,7 +169,7 @@ def prepare_data(plan: Plan) -> None:
     """Write the synthetic set once, before runs race to, and make sure its split lists and test split exist."""
     done = set()
     for spec in plan.runs:
-        cfg = absolute_paths(plan.run_config(spec))  # as the trainer sees it, whatever our working directory
+        cfg = plan.run_config(spec)  # paths absolute (load_config), as the trainer sees them
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
         if key in done:
             continue

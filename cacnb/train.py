@@ -40,7 +40,7 @@ from .data.validate import check_split_lists, run_split_lists
 from .engine import (build_optimizer, first_bad_term, load_training_checkpoint, make_checkpoint, rng_state,
                      save_checkpoint, set_lr, set_rng_state, train_step, unwrap)
 from .interrupts import GracefulStop, Interrupted
-from .paths import RunDirLock, RunDirLocked, StorageError, atomic_write_text, remove_stale_temporaries, resolve
+from .paths import RunDirLock, RunDirLocked, StorageError, atomic_write_text, remove_stale_temporaries
 from .runlog import MetricsLog, ScalarWriter, environment
 
 
@@ -534,7 +534,7 @@ def default_synthetic_dir(cfg: Config) -> Path:
     base = preset() if preset is not None else None
     if base is None or base.data.dataset != "synthetic":
         base = PRESETS["synthetic"]()
-    return resolve(base.data.data_dir)
+    return Path(absolute_paths(base).data.data_dir)
 
 
 def rank0_decides(action) -> None:

@@ -30,8 +30,10 @@ def test_parameters_become_typed_overrides():
 
     from cacnb.config import load_config
 
-    assert load_config("voc_r50_1323").run_dir == Path("runs/voc_r50_1323_semi")
-    assert load_config("synthetic", over).run_dir == Path("runs/x/synthetic_supervised")
+    from cacnb.paths import resolve
+
+    assert load_config("voc_r50_1323").run_dir == resolve("runs") / "voc_r50_1323_semi"
+    assert load_config("synthetic", over).run_dir == resolve("runs/x") / "synthetic_supervised"
 
 
 def test_kernel_relative_paths_reach_the_worker_resolved(tmp_path, monkeypatch):

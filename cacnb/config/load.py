@@ -19,6 +19,10 @@ def load_config(source: "str | os.PathLike | Mapping[str, Any] | Config | None" 
                 overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
     """Build a validated Config from a preset name, a JSON path (ours or official), a dict, or a Config.
 
+    Its paths come back absolute (:func:`absolute_paths`): this is where a configuration enters, so relative
+    paths are resolved here, once, against the caller's working directory or the project root; everything
+    downstream (data, training, subprocesses) takes them as they are.
+
     >>> cfg = load_config("voc_r50_1323", {"train.epochs": 2})
     """
     if source is None:
@@ -39,7 +43,7 @@ def load_config(source: "str | os.PathLike | Mapping[str, Any] | Config | None" 
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         cfg = _from_json(d, overrides)
-    return apply_overrides(cfg, overrides).validate()
+    return absolute_paths(apply_overrides(cfg, overrides).validate())
 
 
 def _from_json(d: Mapping[str, Any], overrides) -> Config:

@@ -97,7 +97,7 @@ def test_read_only_dataset_builds_and_the_run_dir_records_the_lists(synthetic_vo
     from cacnb.data import build_labeled_dataset, build_pair_dataset, build_val_dataset
 
     data_dir = tmp_path / "shared"
-    shutil.copytree(synthetic_voc.parent.parent, data_dir, ignore=shutil.ignore_patterns("cacnb_splits"))
+    shutil.copytree(synthetic_voc.parent.parent, data_dir)
     for p in [data_dir, *data_dir.rglob("*")]:
         p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     before = _snapshot(data_dir)

@@ -282,23 +282,3 @@ def _stop(proc: subprocess.Popen) -> None:
     for pid in [proc.pid, *descendants(proc.pid)]:  # the ranks live in sessions of their own
         _kill(pid, signal.SIGKILL)
     proc.wait()
-
-
-def overrides_from_parameters(config: "Config | str", *, mode: Optional[str] = None,
-                              data_dir: Optional[str] = None, epochs: Optional[int] = None,
-                              iters_per_epoch: Optional[int] = None, out_dir: Optional[str] = None,
-                              run_name: Optional[str] = None, resume: Optional[str] = None,
-                              amp: Optional[bool] = None, extra: Optional[Mapping[str, object]] = None) -> dict:
-    """Turn notebook 03's papermill parameters into typed config overrides; ``None`` keeps the config's value.
-
-    The run dir is ``<out_dir>/<config name>_<mode>`` unless ``run_name`` is given, so a supervised baseline and a
-    CAC run of the same config sit side by side.
-    """
-    over: dict = {}
-    for key, value in (("train.mode", mode), ("train.run_name", run_name), ("data.data_dir", data_dir), ("train.epochs", epochs),
-                       ("train.iters_per_epoch", iters_per_epoch), ("train.out_dir", out_dir),
-                       ("train.resume", resume), ("train.amp", amp)):
-        if value is not None:
-            over[key] = value
-    over.update(extra or {})
-    return over

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cacnb.launch import LaunchError, launch, overrides_from_parameters, torchrun_command
+from cacnb.config import overrides_from_parameters
+from cacnb.launch import LaunchError, launch, torchrun_command
 
 
 def test_commands_for_one_and_many_workers(tmp_path):

@@ -134,7 +134,7 @@ class Trainer:
     def _write_run_files(self) -> None:
         if self.main:
             save_config(self.cfg, self.run_dir / "config.json")
-            record_splits(self.split_lists, self.run_dir)
+            record_splits(self.splits, self.run_dir)
             atomic_write_text(self.run_dir / "env.json", json.dumps(environment(self.world), indent=2) + "\n")
         dist.barrier()
 
@@ -144,7 +144,7 @@ class Trainer:
         rank0_decides(lambda: ensure_dataset(self.cfg, self.make_synthetic))
         lists = split_lists(data)  # in memory, the same on every rank; recorded in the run dir with config.json
         check_split_lists(run_split_lists(lists))
-        self.split_lists = lists
+        self.splits = lists
         self.labeled = build_labeled_dataset(data, all_train=self.cfg.train.mode == "full", lists=lists)
         self.pairs = build_pair_dataset(data, lists=lists) if self.semi else None
         self.val = build_val_dataset(data, lists=lists) if self.cfg.train.val_every else None

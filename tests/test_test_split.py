@@ -9,7 +9,7 @@ import torch
 from cacnb.config import load_config
 from cacnb.data import build_eval_dataset
 from cacnb.data.errors import DatasetError
-from cacnb.data.splits import dataset_root, eval_pairs, split_lists, voc_train_ids
+from cacnb.data.splits import eval_pairs, split_lists, voc_train_ids
 from cacnb.data.palette import VOC_CLASSES
 from cacnb.evaluate import evaluate_checkpoint, main as evaluate_main, result_to_json
 from cacnb.model import build_model
@@ -33,7 +33,7 @@ def test_test_split_is_read_like_val_and_disjoint(held_out_dir):
     val = build_eval_dataset(cfg.data, "val")
     assert len(test) == 4 and len(val) == 6
     for split in ("test", "val"):                                    # both from the dataset's own lists
-        assert eval_pairs(cfg.data, split)[1].startswith(str(dataset_root(cfg.data)))
+        assert eval_pairs(cfg.data, split)[1] == f"{cfg.data.data_dir}: the dataset's {split} list"
     lists = split_lists(cfg.data)
     train = _ids(lists.labeled) | _ids(lists.unlabeled)
     assert not (_ids(test.files.pairs) & train) and not (_ids(test.files.pairs) & _ids(val.files.pairs))

@@ -87,7 +87,7 @@ def eval_pairs(data_cfg, split: str = "val") -> tuple[list[Pair], str]:
     given = Path(cfg.split_dir) / "test.txt" if cfg.split_dir else None
     if given is not None and given.is_file():
         return read_split(given), str(given)
-    return test_pairs(cfg), f"{dataset_root(cfg)}: the dataset's test list"
+    return test_pairs(cfg), f"{cfg.data_dir}: the dataset's test list"
 
 
 def record_splits(lists: SplitLists, run_dir: "str | os.PathLike") -> dict[str, Path]:
@@ -142,7 +142,7 @@ def _official_lists(cfg) -> SplitLists:
 
 def _seeded_lists(cfg) -> SplitLists:
     labeled, unlabeled = make_splits(train_pairs(cfg), cfg.n_labeled, cfg.split_seed)
-    drawn = f"{dataset_root(cfg)}: seeded split (data.split_seed={cfg.split_seed}, data.n_labeled={cfg.n_labeled})"
+    drawn = f"{cfg.data_dir}: seeded split (data.split_seed={cfg.split_seed}, data.n_labeled={cfg.n_labeled})"
     val, val_source = _val(cfg)
     return SplitLists(labeled, unlabeled, val, {"labeled": drawn, "unlabeled": drawn, "val": val_source})
 
@@ -156,7 +156,7 @@ def _val(cfg) -> tuple[list[Pair], str]:
     if not cfg.split_dir and cfg.datalist is not None:
         official_lists = _official_lists(cfg)
         return official_lists.val, official_lists.sources["val"]
-    return val_pairs(cfg), f"{dataset_root(cfg)}: the dataset's val list"
+    return val_pairs(cfg), f"{cfg.data_dir}: the dataset's val list"
 
 
 # ---------------------------------------------------------------------------------------------------------------

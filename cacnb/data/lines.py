@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from ..paths import atomic_write_text
 from .errors import DatasetError, with_readme
@@ -89,8 +89,7 @@ def read_split(path: "str | os.PathLike") -> list[Pair]:
     return pairs
 
 
-def write_split(path: "str | os.PathLike", pairs: Iterable[Pair]) -> Path:
-    """Write pairs one per line, atomically (temporary file + rename)."""
-    path = Path(path)
-    atomic_write_text(path, "".join(format_line(p) + "\n" for p in pairs))
-    return path
+def write_split(path: "str | os.PathLike", pairs: Iterable[Pair], comment: Optional[str] = None) -> Path:
+    """Write pairs one per line, atomically (temporary file + rename), after a ``# comment`` line if given."""
+    head = f"# {comment}\n" if comment else ""
+    return atomic_write_text(path, head + "".join(format_line(p) + "\n" for p in pairs))

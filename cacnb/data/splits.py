@@ -24,7 +24,6 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..config import dataset_layout
-from ..paths import atomic_write_text
 from . import official
 from .errors import DatasetError, with_readme
 from .lines import (Pair, cityscapes_pair, format_line, pair_id, pair_paths, parse_line, read_split, voc_pair,
@@ -94,12 +93,8 @@ def record_splits(lists: SplitLists, run_dir: "str | os.PathLike") -> dict[str, 
     """Write the exact lists of a run to ``<run_dir>/splits/<role>.txt`` (atomically, in the line format, headed
     by a ``#`` comment naming the source), so every run documents its split. Returns ``{role: file}``."""
     folder = Path(run_dir) / RECORD_SUBDIR
-    written = {}
-    for role, pairs in lists.items():
-        path = folder / f"{role}.txt"
-        atomic_write_text(path, f"# {lists.sources[role]}\n" + "".join(format_line(p) + "\n" for p in pairs))
-        written[role] = path
-    return written
+    return {role: write_split(folder / f"{role}.txt", pairs, comment=lists.sources[role])
+            for role, pairs in lists.items()}
 
 
 def split_names(n_labeled: int) -> tuple[str, str]:
@@ -150,9 +145,9 @@ def _seeded_lists(cfg) -> SplitLists:
 def _val(cfg) -> tuple[list[Pair], str]:
     """The val list: ``data.split_dir``'s val.txt if there is one, the shipped one of ``data.datalist``, else the
     dataset's own."""
-    if cfg.split_dir and (Path(cfg.split_dir) / "val.txt").is_file():
-        path = Path(cfg.split_dir) / "val.txt"
-        return read_split(path), str(path)
+    given = given_files(cfg)["val"] if cfg.split_dir else None
+    if given is not None and given.is_file():
+        return read_split(given), str(given)
     if not cfg.split_dir and cfg.datalist is not None:
         official_lists = _official_lists(cfg)
         return official_lists.val, official_lists.sources["val"]

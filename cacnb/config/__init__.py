@@ -31,7 +31,7 @@ from .schema import (BACKBONES, DATASETS, EVAL_MODES, FEATURE_STRIDE, LAYOUTS, M
                      valid_keys)
 
 __all__ = ["absolute_paths", "load_config", "save_config", "from_official", "is_official_json", "apply_overrides",
-           "overrides_from_parameters", "parse_overrides", "PAPER_PRETRAINED", "PRESETS", "BACKBONES", "DATASETS", "EVAL_MODES", "FEATURE_STRIDE",
-           "LAYOUTS", "MODES", "NUMERIC_RANGES", "PRECISIONS", "SYNTHETIC_STYLES", "Config", "ConfigError",
-           "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "check_paper_settings", "coerce",
-           "dataset_layout", "get_key", "per_rank_batch", "set_keys", "valid_keys"]
+           "overrides_from_parameters", "parse_overrides", "PAPER_PRETRAINED", "PRESETS", "BACKBONES", "DATASETS",
+           "EVAL_MODES", "FEATURE_STRIDE", "LAYOUTS", "MODES", "NUMERIC_RANGES", "PRECISIONS", "SYNTHETIC_STYLES",
+           "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
+           "check_paper_settings", "coerce", "dataset_layout", "get_key", "per_rank_batch", "set_keys", "valid_keys"]

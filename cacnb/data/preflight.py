@@ -112,7 +112,7 @@ def check_dataset(data_cfg_or_root, dataset: Optional[str] = None, *, max_files:
         max_files: open only the first ``max_files`` samples (the lists are always checked in full).
         progress: show a tqdm bar.
     """
-    cfg = getattr(data_cfg_or_root, "data", data_cfg_or_root)
+    cfg = splits.data_config(data_cfg_or_root)
     split_dir = None
     if hasattr(cfg, "data_dir"):
         dataset = dataset or cfg.dataset

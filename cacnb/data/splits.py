@@ -64,7 +64,7 @@ class SplitLists:
 
 def split_lists(data_cfg) -> SplitLists:
     """The labeled, unlabeled and val lists of a run of ``data_cfg`` (a DataConfig or a full Config)."""
-    cfg = _data_cfg(data_cfg)
+    cfg = data_config(data_cfg)
     if cfg.split_dir:
         return _given_lists(cfg)
     if cfg.datalist is not None:
@@ -80,7 +80,7 @@ def eval_pairs(data_cfg, split: str = "val") -> tuple[list[Pair], str]:
     """
     if split not in EVAL_SPLITS:
         raise DatasetError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
-    cfg = _data_cfg(data_cfg)
+    cfg = data_config(data_cfg)
     if split == "val":
         return _val(cfg)
     given = Path(cfg.split_dir) / "test.txt" if cfg.split_dir else None
@@ -102,17 +102,18 @@ def split_names(n_labeled: int) -> tuple[str, str]:
 
 
 def given_files(data_cfg) -> dict[str, Path]:
-    """``{role: file}`` of the lists ``data.split_dir`` provides for ``data.n_labeled`` (val.txt is optional)."""
-    cfg = _data_cfg(data_cfg)
+    """``{role: file}`` of the lists ``data.split_dir`` provides for ``data.n_labeled`` (val.txt is optional); a
+    DatasetError when the folder does not exist."""
+    cfg = data_config(data_cfg)
     folder = Path(cfg.split_dir)
+    if not folder.is_dir():
+        raise DatasetError(with_readme(f"data.split_dir={cfg.split_dir!r} does not exist"))
     return dict(zip(ROLES, (*(folder / name for name in split_names(cfg.n_labeled)), folder / "val.txt")))
 
 
 def _given_lists(cfg) -> SplitLists:
-    split_dir = Path(cfg.split_dir)
-    if not split_dir.is_dir():
-        raise DatasetError(with_readme(f"data.split_dir={cfg.split_dir!r} does not exist"))
     files = given_files(cfg)
+    split_dir = files["val"].parent
     missing = [files[role].name for role in ("labeled", "unlabeled") if not files[role].is_file()]
     if missing:
         have = sorted(p.name.split("_")[0] for p in split_dir.glob("*_train_supervised.txt"))
@@ -174,8 +175,8 @@ def make_splits(ids: Sequence, n_labeled: int, seed: int) -> tuple[list, list]:
     return [i for i, c in zip(ids, chosen) if c], [i for i, c in zip(ids, chosen) if not c]
 
 
-def _data_cfg(data_cfg):
-    """Accept a DataConfig or a full Config."""
+def data_config(data_cfg):
+    """The DataConfig of ``data_cfg``: a DataConfig, or a full Config."""
     return getattr(data_cfg, "data", data_cfg)
 
 
@@ -189,7 +190,7 @@ def find_voc_root(data_dir: Path) -> "Path | None":
 
 def dataset_root(data_cfg) -> Path:
     """The folder that list paths are relative to: VOC2012 (VOC, synthetic) or the Cityscapes root."""
-    cfg = _data_cfg(data_cfg)
+    cfg = data_config(data_cfg)
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
         hint = (" Write it with `python -m cacnb.data.synthetic --root DIR` (or notebook 00)."
@@ -272,7 +273,7 @@ def test_pairs(data_cfg) -> list[Pair]:
 
 
 def _subset_pairs(data_cfg, subset: str) -> list[Pair]:
-    cfg = _data_cfg(data_cfg)
+    cfg = data_config(data_cfg)
     root = dataset_root(cfg)
     if dataset_layout(cfg.dataset) == "cityscapes":
         if subset == "test":  # the official test labels are withheld (all ignore)

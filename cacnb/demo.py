@@ -61,7 +61,7 @@ def _format(value, out: str):
 
 def notebook_parameters(notebook: Path, out: str) -> dict:
     """The demo's parameters for ``notebook``, restricted to those its ``parameters`` cell declares."""
-    import papermill
+    import papermill  # lazy: an optional dependency (the notebooks / dev extras), needed only here
 
     wanted = _format(DEMO_PARAMETERS.get(notebook.stem, {}), out)
     declared = papermill.inspect_notebook(str(notebook))

@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from cacnb import dist
 from cacnb.checkpoint_io import CheckpointError
-from cacnb.config import atomic_write_text
+
 from cacnb.data import build_eval_dataset, palette
 from cacnb.data.errors import DatasetError
 from cacnb.metrics import ConfusionMeter, nan_to_none
 from cacnb.model import unwrap
-from cacnb.paths import resolve
+from cacnb.paths import atomic_write_text, resolve
 from cacnb.runlog import best_val
 from cacnb.runs import Run, find_checkpoint, load_run
 

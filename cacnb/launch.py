@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .config import Config, absolute_paths, load_config, save_config
+from .config import Config, load_config, save_config
 
 
 class LaunchError(RuntimeError):
@@ -77,8 +77,8 @@ def launch(config: "Config | str" = "synthetic", *, nproc: int = 1,
     ``CACNB_DIST_TIMEOUT`` environment variable (default 600 s). ``force`` and ``make_synthetic`` are
     ``cacnb.train``'s ``--force`` (resume despite changed data/split settings) and ``--make-synthetic``.
     """
-    # resolve here, where the kernel's cwd applies: the worker runs from the project root
-    cfg = absolute_paths(load_config(config, overrides))
+    # load here, where the kernel's cwd applies (load_config resolves the paths): the worker runs from the root
+    cfg = load_config(config, overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # not config.json: a start the worker refuses (run dir in use, changed settings) must leave the run's intact
@@ -282,23 +282,3 @@ def _stop(proc: subprocess.Popen) -> None:
     for pid in [proc.pid, *descendants(proc.pid)]:  # the ranks live in sessions of their own
         _kill(pid, signal.SIGKILL)
     proc.wait()
-
-
-def overrides_from_parameters(config: "Config | str", *, mode: Optional[str] = None,
-                              data_dir: Optional[str] = None, epochs: Optional[int] = None,
-                              iters_per_epoch: Optional[int] = None, out_dir: Optional[str] = None,
-                              run_name: Optional[str] = None, resume: Optional[str] = None,
-                              amp: Optional[bool] = None, extra: Optional[Mapping[str, object]] = None) -> dict:
-    """Turn notebook 03's papermill parameters into typed config overrides; ``None`` keeps the config's value.
-
-    The run dir is ``<out_dir>/<config name>_<mode>`` unless ``run_name`` is given, so a supervised baseline and a
-    CAC run of the same config sit side by side.
-    """
-    over: dict = {}
-    for key, value in (("train.mode", mode), ("train.run_name", run_name), ("data.data_dir", data_dir), ("train.epochs", epochs),
-                       ("train.iters_per_epoch", iters_per_epoch), ("train.out_dir", out_dir),
-                       ("train.resume", resume), ("train.amp", amp)):
-        if value is not None:
-            over[key] = value
-    over.update(extra or {})
-    return over

@@ -221,7 +221,7 @@ def confidence_and_pseudo_label(logits):
 def sample_crop_negatives(crops, loss_cfg, world_size: int, generator):
     """This rank's negatives from each ``(proj, pseudo_label)`` crop, concatenated: ``([2 × num, c], [2 × num])``.
 
-    Shared by training and the notebook's :func:`cacnb.loss_viz.pair_terms` so both sample the same count.
+    Shared by training and the notebook's :func:`cacnb.viz.loss_viz.pair_terms` so both sample the same count.
     """
     num = negatives_per_crop(loss_cfg, world_size)
     feats, labels = zip(*(sample_negatives(proj, pseudo_label, num, generator) for proj, pseudo_label in crops))

@@ -19,7 +19,6 @@ from typing import Mapping, Optional
 
 from . import style
 from .config import Config, load_config
-from .paths import resolve
 
 # papermill's Python translator opens the cell it injects with exactly this comment line
 PAPERMILL_HEADER = "# Parameters"
@@ -157,13 +156,14 @@ def resolve_interactive(interactive: Optional[bool]) -> bool:
 
 def run_dir(config: "Config | str", mode: str = "semi", out_dir: Optional[str] = None,
             overrides: Optional[Mapping[str, object]] = None) -> Path:
-    """The run dir training writes for ``config`` in ``mode`` (``<out_dir>/<config name>_<mode>``), resolved
-    from the project root like every other path, so notebooks 02-05 find what notebook 03 trained."""
+    """The run dir training writes for ``config`` in ``mode`` (``<out_dir>/<config name>_<mode>``), absolute
+    (resolved by :func:`cacnb.config.load_config` like every other path), so notebooks 02-05 find what notebook 03
+    trained."""
     over = dict(overrides or {})
     over["train.mode"] = mode
     if out_dir is not None:
         over["train.out_dir"] = out_dir
-    return resolve(load_config(config, over).run_dir)
+    return load_config(config, over).run_dir
 
 
 def model_note(loaded: "str | os.PathLike | None", progress: Optional[tuple[int, int]] = None) -> Optional[str]:

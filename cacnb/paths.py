@@ -79,6 +79,15 @@ def atomic_write(path: "str | os.PathLike", write: Callable[[str], None]) -> Pat
     return path
 
 
+def atomic_write_text(path: "str | os.PathLike", text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
 def _fsync_file(name: str) -> None:
     with open(name, "rb+") as f:
         os.fsync(f.fileno())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from .config import atomic_write_text
+from .paths import atomic_write_text
 
 RESULT_COLUMNS = ("run", "mode", "seed", "overrides", "val_miou", "test_miou", "test_miou_final", "best_iter",
                   "train_seconds", "status", "log")
@@ -178,8 +179,6 @@ def read_results(sweep_dir: "str | Path") -> list[dict]:
 
 def write_results_csv(path: "str | Path", rows: Sequence[Mapping]) -> Path:
     """``results.csv`` with :data:`RESULT_COLUMNS`, written atomically."""
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -22,8 +22,8 @@ from typing import Iterable, Optional
 import torch
 
 from . import style
-from .config import ConfigError, atomic_write_text
-from .paths import storage_error
+from .config import ConfigError
+from .paths import atomic_write_text, storage_error
 
 
 def environment(world_size: int) -> dict:

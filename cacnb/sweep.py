@@ -38,10 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import (MODES, PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config,
-                     parse_overrides)
-from .paths import resolve
+import torch
+from tqdm.auto import tqdm
+
+from .config import MODES, PRESETS, Config, ConfigError, load_config, parse_overrides
+from .data.errors import DatasetError
+from .data.splits import eval_pairs, split_lists
+from .evaluate import evaluate_run, result_to_json
+from .paths import atomic_write_text, resolve
 from .results import write_results_csv, write_results_md
+from .runlog import best_val
+from .runs import load_run
+from .train import ensure_dataset
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_training.ipynb"
 OWNED_KEYS = ("train.mode", "train.seed", "train.run_name", "train.out_dir", "train.resume")
@@ -159,22 +167,18 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 
 def prepare_data(plan: Plan) -> None:
-    """Write the synthetic set and the split lists once, before runs race to, and make sure a test split exists."""
-    from .data.errors import DatasetError
-    from .data.splits import eval_split_file, resolve_splits
-    from .train import ensure_dataset
-
+    """Write the synthetic set once, before runs race to, and make sure its split lists and test split exist."""
     done = set()
     for spec in plan.runs:
-        cfg = absolute_paths(plan.run_config(spec))  # as the trainer sees it, whatever our working directory
+        cfg = plan.run_config(spec)  # paths absolute (load_config), as the trainer sees them
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
         if key in done:
             continue
         done.add(key)
         try:
             ensure_dataset(cfg)
-            resolve_splits(cfg.data)
-            eval_split_file(cfg.data, "test")
+            split_lists(cfg.data)
+            eval_pairs(cfg.data, "test")
         except DatasetError as e:
             raise SweepError(f"the sweep reports on the test split, which this dataset lacks or cannot read: {e}")
 
@@ -184,8 +188,6 @@ def prepare_data(plan: Plan) -> None:
 
 
 def _machine() -> dict:
-    import torch
-
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "device": device}
@@ -282,10 +284,6 @@ class Runner:
                     self.procs.discard(proc)
 
     def _evaluate(self, spec: RunSpec, run_dir: Path, seconds: float) -> dict:
-        from .evaluate import evaluate_run, result_to_json
-        from .runs import load_run
-        from .runlog import best_val
-
         results = {}
         for which, name in (("best", "best.pt"), ("final", "last.pt")):
             ckpt = run_dir / name
@@ -338,8 +336,6 @@ def _write_info(plan: Plan, argv: Sequence[str], started: str, wall: float, fini
 
 def run_sweep(plan: Plan, argv: Sequence[str] = ()) -> int:
     """Run every unfinished run of ``plan``; return the exit code (0, 1 if a run failed, 130 on Ctrl-C)."""
-    from tqdm.auto import tqdm
-
     plan.out.mkdir(parents=True, exist_ok=True)
     started, tic = _now(), time.monotonic()
     rows = {s.run: finished_row(s, plan.out / s.run) or _row(s, plan.out / s.run, "pending") for s in plan.runs}

@@ -31,14 +31,17 @@ from typing import Optional
 import torch
 
 from . import dist
-from .config import (PRESETS, Config, ConfigError, absolute_paths, atomic_write_text, load_config, per_rank_batch,
+from .config import (PRESETS, Config, ConfigError, absolute_paths, load_config, per_rank_batch,
                      save_config, valid_keys)
 from .checkpoint_io import first_nonfinite
+from .data import build_labeled_dataset, build_pair_dataset, build_val_dataset
+from .data.splits import record_splits, split_lists
+from .data.validate import check_split_lists, run_split_lists
 from .engine import (build_optimizer, first_bad_term, make_checkpoint, rng_state, save_checkpoint, set_lr,
                      set_rng_state, train_step)
 from .model import TrainingForward, unwrap
 from .interrupts import GracefulStop, Interrupted
-from .paths import RunDirLock, RunDirLocked, StorageError, remove_stale_temporaries, resolve
+from .paths import RunDirLock, RunDirLocked, StorageError, atomic_write_text, remove_stale_temporaries
 from .runlog import MetricsLog, ScalarWriter, environment
 from .runs import config_diff, describe_diff, training_state
 
@@ -133,21 +136,20 @@ class Trainer:
     def _write_run_files(self) -> None:
         if self.main:
             save_config(self.cfg, self.run_dir / "config.json")
+            record_splits(self.splits, self.run_dir)
             atomic_write_text(self.run_dir / "env.json", json.dumps(environment(self.world), indent=2) + "\n")
         dist.barrier()
 
     def _build_data(self) -> None:
-        from .data import build_labeled_dataset, build_pair_dataset, build_val_dataset
-        from .data.splits import resolve_splits
-        from .data.validate import check_split_lists, run_split_lists
-
         data = self.cfg.data
-        # rank 0 writes what is missing (synthetic set, generated splits); the others wait for its verdict
-        rank0_decides(lambda: (ensure_dataset(self.cfg, self.make_synthetic), resolve_splits(data)))
-        check_split_lists(run_split_lists(resolve_splits(data)))
-        self.labeled = build_labeled_dataset(data, all_train=self.cfg.train.mode == "full")
-        self.pairs = build_pair_dataset(data) if self.semi else None
-        self.val = build_val_dataset(data) if self.cfg.train.val_every else None
+        # rank 0 writes a missing synthetic set; the others wait for its verdict
+        rank0_decides(lambda: ensure_dataset(self.cfg, self.make_synthetic))
+        lists = split_lists(data)  # in memory, the same on every rank; recorded in the run dir with config.json
+        check_split_lists(run_split_lists(lists))
+        self.splits = lists
+        self.labeled = build_labeled_dataset(data, all_train=self.cfg.train.mode == "full", lists=lists)
+        self.pairs = build_pair_dataset(data, lists=lists) if self.semi else None
+        self.val = build_val_dataset(data, lists=lists) if self.cfg.train.val_every else None
         self._read_first_samples()
 
     def _read_first_samples(self) -> None:
@@ -513,7 +515,7 @@ def default_synthetic_dir(cfg: Config) -> Path:
     base = preset() if preset is not None else None
     if base is None or base.data.dataset != "synthetic":
         base = PRESETS["synthetic"]()
-    return resolve(base.data.data_dir)
+    return Path(absolute_paths(base).data.data_dir)
 
 
 def rank0_decides(action) -> None:

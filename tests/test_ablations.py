@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cacnb.config import DataConfig, LossConfig, load_config
 from cacnb.data import build_labeled_dataset, build_pair_dataset
 from cacnb.data.pairs import same_window, window_iou
-from cacnb.data.splits import read_split, resolve_splits
+from cacnb.data.splits import read_split, split_lists
 from cacnb.loss import (FeatureBank, cac_unsup_loss, direction_weights, directional_contrastive_loss,
                         directional_contrastive_loss_reference)
 
@@ -137,8 +137,7 @@ def test_no_context_pairs_differ_only_by_flip(synthetic_data_dir):
 def test_full_mode_labels_every_training_image(synthetic_data_dir):
     cfg = load_config("synthetic", [f"data.data_dir={synthetic_data_dir}", "data.n_labeled=8", "train.mode=full"])
     assert cfg.run_dir.name == "synthetic_full"
-    files = resolve_splits(cfg.data)
-    labeled, unlabeled = read_split(files.labeled), read_split(files.unlabeled)
+    labeled, unlabeled, _ = split_lists(cfg.data)
     full = build_labeled_dataset(cfg.data, all_train=True)
     assert full.files.pairs == labeled + unlabeled
     assert len(build_labeled_dataset(cfg.data)) == len(labeled) == 8
@@ -150,7 +149,9 @@ def test_full_mode_trainer_trains_on_every_image_without_the_projector(synthetic
     cfg = load_config("synthetic", [f"data.data_dir={synthetic_data_dir}", "data.n_labeled=8", "train.mode=full",
                                     f"train.out_dir={tmp_path}", "data.num_workers=0"])
     trainer = Trainer(cfg, torch.device("cpu"))
-    files = resolve_splits(cfg.data)
-    assert len(trainer.labeled) == len(read_split(files.labeled)) + len(read_split(files.unlabeled))
+    lists = split_lists(cfg.data)
+    assert len(trainer.labeled) == len(lists.labeled) + len(lists.unlabeled)
+    for role, pairs in lists.items():                   # rank 0 records the exact lists the run trains with
+        assert read_split(tmp_path / "synthetic_full" / "splits" / f"{role}.txt") == pairs
     assert trainer.pairs is None and not any(p.requires_grad for p in trainer.model.projector.parameters())
     assert trainer.run_dir == tmp_path / "synthetic_full"

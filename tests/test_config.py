@@ -150,3 +150,26 @@ def test_valid_keys_cover_sections():
     for k in ("data.data_dir", "model.backbone", "loss.neg_total", "optim.lr", "train.resume"):
         assert k in keys
     assert apply_overrides(Config(), {}).to_dict() == Config().to_dict()
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda d: d["optimizer"]["args"].update(lr="fast"), "optimizer.args.lr"),
+    (lambda d: d["trainer"].update(early_stop="never"), "trainer.early_stop"),
+    (lambda d: d["train_unsupervised"].update(stride=None), "train_unsupervised.stride"),
+    (lambda d: d["model"].update(layers="fifty"), "model.layers"),
+    (lambda d: d["train_unsupervised"].update(crop_size=321), "train_unsupervised.crop_size"),
+    (lambda d: d.update(n_labeled_examples=[1]), "n_labeled_examples"),
+])
+def test_official_errors_are_wrapped_once(edit, key):
+    d = official_voc_r50_1over8()
+    edit(d)
+    with pytest.raises(ConfigError) as e:
+        load_config(d)
+    message = str(e.value)
+    assert key in message
+    assert message.count("official config:") == 1 and "\n" not in message
+
+
+def test_unknown_key_names_the_closest_one():
+    with pytest.raises(ConfigError, match=r"Did you mean \['train.epochs'"):
+        apply_overrides(Config(), {"train.epcohs": 3})

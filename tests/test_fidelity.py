@@ -15,9 +15,9 @@ import pytest
 from cacnb.config import ConfigError, load_config
 from cacnb.data import official
 from cacnb.data.preflight import check_dataset
-from cacnb.data.splits import read_split, resolve_splits
+from cacnb.data.splits import split_lists
 from cacnb.loss import negatives_note, negatives_per_crop
-from cacnb.official_json import RULES, _leaves, import_official
+from cacnb.config.official import RULES, _leaves, import_official
 
 SHIPPED = Path(__file__).resolve().parents[1] / "cacnb" / "data" / "official_splits"
 
@@ -108,7 +108,7 @@ def test_every_official_file_is_the_papers_experiment(name, tmp_path, capsys):
         assert 2 * negatives_per_crop(cfg.loss, world) * world * (cfg.loss.step_save + 1) == total
     # the datalist's shipped lists are what the run reads
     n = cfg.data.n_labeled
-    labeled, unlabeled, val = (read_split(f) for f in resolve_splits(cfg.data))
+    labeled, unlabeled, val = split_lists(cfg.data)
     train_list = "voc/train_aug.txt" if dataset == "voc" else "cityscapes/train.txt"
     assert _ids(labeled, dataset) == _shipped(f"{dataset}/datalist{k}/{n}_labeled.txt")
     assert sorted(_ids(labeled, dataset) + _ids(unlabeled, dataset)) == sorted(_shipped(train_list))

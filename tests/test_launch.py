@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cacnb.launch import LaunchError, launch, overrides_from_parameters, torchrun_command
+from cacnb.config import overrides_from_parameters
+from cacnb.launch import LaunchError, launch, torchrun_command
 
 
 def test_commands_for_one_and_many_workers(tmp_path):
@@ -30,8 +31,10 @@ def test_parameters_become_typed_overrides():
 
     from cacnb.config import load_config
 
-    assert load_config("voc_r50_1323").run_dir == Path("runs/voc_r50_1323_semi")
-    assert load_config("synthetic", over).run_dir == Path("runs/x/synthetic_supervised")
+    from cacnb.paths import resolve
+
+    assert load_config("voc_r50_1323").run_dir == resolve("runs") / "voc_r50_1323_semi"
+    assert load_config("synthetic", over).run_dir == resolve("runs/x") / "synthetic_supervised"
 
 
 def test_kernel_relative_paths_reach_the_worker_resolved(tmp_path, monkeypatch):

@@ -348,12 +348,11 @@ def test_label_ids_above_num_classes_are_refused_by_training_validation_and_pref
 
 def test_preflight_and_training_agree_on_split_lists(tmp_path, synthetic_voc, synthetic_data_dir):
     from cacnb.data.preflight import check_dataset
-    from cacnb.data.splits import read_split, resolve_splits, write_split
+    from cacnb.data.splits import split_lists, write_split
     from cacnb.data.validate import check_split_lists, run_split_lists
 
-    generated = resolve_splits(load_config("synthetic", {"data.data_dir": str(synthetic_data_dir),
-                                                         "data.n_labeled": 8}).data)
-    labeled, unlabeled = read_split(generated.labeled), read_split(generated.unlabeled)
+    labeled, unlabeled, _ = split_lists(load_config("synthetic", {"data.data_dir": str(synthetic_data_dir),
+                                                                  "data.n_labeled": 8}).data)
     split_dir = tmp_path / "splits"
     write_split(split_dir / "8_train_supervised.txt", labeled + labeled[:1])          # a duplicate
     write_split(split_dir / "8_train_unsupervised.txt", unlabeled + labeled[1:2])     # labeled and unlabeled
@@ -363,7 +362,7 @@ def test_preflight_and_training_agree_on_split_lists(tmp_path, synthetic_voc, sy
     kinds = {p.kind: p.detail for p in report.problems}
     assert set(kinds) == {"duplicate_id", "labeled_and_unlabeled"}
     with pytest.raises(DatasetError) as err:
-        check_split_lists(run_split_lists(resolve_splits(cfg.data)))
+        check_split_lists(run_split_lists(split_lists(cfg.data)))
     for detail in kinds.values():
         assert detail in str(err.value)
 

@@ -1,4 +1,5 @@
-"""Split lists: official line format, round trip, seeded disjoint splits, official lists by path."""
+"""Split lists: official line format, round trip, seeded disjoint splits, official lists by path, no writes into
+the dataset folder, and the lists recorded in the run dir."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 from cacnb.config import load_config
 from cacnb.data import splits
 from cacnb.data.errors import DatasetError
-from cacnb.data.splits import make_splits, read_split, resolve_splits, write_split
+from cacnb.data.splits import make_splits, read_split, record_splits, split_lists, write_split
 
 
 def _cfg(data_dir, **over):
@@ -57,27 +58,69 @@ def test_make_splits_disjoint_seeded_and_complete():
         make_splits(ids, 0, seed=0)
 
 
-def test_resolve_splits_generates_once(synthetic_data_dir):
+def test_make_splits_is_pinned():
+    """The seeded draw must never change: a run's split (and so its result) is reproducible from its seed."""
+    lab, _ = make_splits([f"id{i:03d}" for i in range(50)], 12, seed=0)
+    assert lab == ["id001", "id002", "id003", "id004", "id011", "id018", "id020", "id023", "id024", "id026",
+                   "id034", "id036"]
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_split_lists_seeded_in_memory(synthetic_data_dir):
     cfg = _cfg(synthetic_data_dir, n_labeled=5, split_seed=7)
-    files = resolve_splits(cfg.data)
+    before = _snapshot(synthetic_data_dir)
+    lists = split_lists(cfg.data)
     root = splits.dataset_root(cfg.data)
-    assert files.labeled == root / "cacnb_splits" / "seed7" / "5_train_supervised.txt"
-    assert files.unlabeled.name == "5_train_unsupervised.txt" and files.val.name == "val.txt"
-    lab, unl, val = (read_split(p) for p in files)
+    lab, unl, val = lists
     assert len(lab) == 5 and len(unl) == 19 and len(val) == 6
     assert not set(lab) & set(unl) and not (set(lab) | set(unl)) & set(val)
+    # the same lists as the files earlier versions wrote to cacnb_splits/seed7/ for this set
+    assert [splits.pair_id(p) for p in lab] == ["synth_train_00003", "synth_train_00004", "synth_train_00014",
+                                                "synth_train_00015", "synth_train_00018"]
     for pair in lab + val:
         image, label = splits.pair_paths(root, pair)
         assert image.is_file() and label.is_file()
-    stamp = files.labeled.stat().st_mtime_ns
-    assert resolve_splits(cfg) == files and files.labeled.stat().st_mtime_ns == stamp   # reused, not rewritten
-    other = resolve_splits(_cfg(synthetic_data_dir, n_labeled=5, split_seed=8).data)
-    assert read_split(other.labeled) != lab
+    assert split_lists(cfg) == lists                                                    # deterministic
+    assert "split_seed=7" in lists.sources["labeled"]
+    other = split_lists(_cfg(synthetic_data_dir, n_labeled=5, split_seed=8).data)
+    assert other.labeled != lab
+    assert _snapshot(synthetic_data_dir) == before                    # nothing written into the dataset folder
+
+
+def test_read_only_dataset_builds_and_the_run_dir_records_the_lists(synthetic_voc, tmp_path):
+    import shutil
+    import stat
+
+    from cacnb.data import build_labeled_dataset, build_pair_dataset, build_val_dataset
+
+    data_dir = tmp_path / "shared"
+    shutil.copytree(synthetic_voc.parent.parent, data_dir)
+    for p in [data_dir, *data_dir.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    before = _snapshot(data_dir)
+    try:
+        cfg = _cfg(data_dir, n_labeled=5)
+        lists = split_lists(cfg.data)
+        assert len(build_labeled_dataset(cfg.data, lists=lists)) == 5
+        assert len(build_pair_dataset(cfg.data)) == 19 and len(build_val_dataset(cfg.data)) == 6
+        assert _snapshot(data_dir) == before          # read-only or not (root ignores the mode), nothing changed
+        written = record_splits(lists, tmp_path / "run")
+    finally:
+        for p in [data_dir, *data_dir.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    assert {role: p.name for role, p in written.items()} == \
+        {"labeled": "labeled.txt", "unlabeled": "unlabeled.txt", "val": "val.txt"}
+    for role, pairs in lists.items():
+        assert read_split(tmp_path / "run" / "splits" / f"{role}.txt") == pairs
+    assert (tmp_path / "run" / "splits" / "labeled.txt").read_text().startswith(f"# {lists.sources['labeled']}\n")
 
 
 def test_too_many_labeled_is_explained(synthetic_data_dir):
     with pytest.raises(DatasetError, match="n_labeled=24 but the training set has only 24"):
-        resolve_splits(_cfg(synthetic_data_dir, n_labeled=24, split_seed=99).data)
+        split_lists(_cfg(synthetic_data_dir, n_labeled=24, split_seed=99).data)
 
 
 def test_official_lists_are_taken_by_path(synthetic_data_dir, tmp_path):
@@ -85,15 +128,15 @@ def test_official_lists_are_taken_by_path(synthetic_data_dir, tmp_path):
     official = tmp_path / "voc_splits0"
     write_split(official / "3_train_supervised.txt", splits.voc_pairs(ids[:3]))
     write_split(official / "3_train_unsupervised.txt", splits.voc_pairs(ids[3:]))
-    files = resolve_splits(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data)
-    assert files.labeled == official / "3_train_supervised.txt"
-    assert read_split(files.labeled) == splits.voc_pairs(ids[:3])
-    assert files.val.is_file() and len(read_split(files.val)) == 6   # val from the dataset when not given
+    lists = split_lists(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data)
+    assert lists.sources["labeled"] == str(official / "3_train_supervised.txt")
+    assert lists.labeled == splits.voc_pairs(ids[:3]) and lists.unlabeled == splits.voc_pairs(ids[3:])
+    assert len(lists.val) == 6                                      # val from the dataset when not given
     (official / "val.txt").write_text("/JPEGImages/synth_val_00000.jpg /SegmentationClassAug/synth_val_00000.png\n")
-    assert resolve_splits(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data).val == \
-        official / "val.txt"
+    lists = split_lists(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data)
+    assert lists.sources["val"] == str(official / "val.txt") and len(lists.val) == 1
     with pytest.raises(DatasetError, match=r"no 1323_train_supervised.txt.*n_labeled in \['3'\]"):
-        resolve_splits(_cfg(synthetic_data_dir, n_labeled=1323, split_dir=str(official)).data)
+        split_lists(_cfg(synthetic_data_dir, n_labeled=1323, split_dir=str(official)).data)
 
 
 def test_dataset_root_forms_and_errors(synthetic_voc, tmp_path):
@@ -116,7 +159,6 @@ def test_cityscapes_lists_by_scanning(tmp_path):
             (tmp_path / "leftImg8bit" / subset / city / f"{city}_{k:06d}_000019_leftImg8bit.png").touch()
     cfg = load_config("cityscapes_r50_372", {"data.data_dir": str(tmp_path), "data.n_labeled": 1,
                                              "data.datalist": None})  # a seeded split of what is on disk
-    files = resolve_splits(cfg.data)
-    lab, unl, val = (read_split(p) for p in files)
+    lab, unl, val = split_lists(cfg.data)
     assert len(lab) == 1 and len(unl) == 2 and len(val) == 1
     assert val[0][1] == "/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png"

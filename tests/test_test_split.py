@@ -9,7 +9,7 @@ import torch
 from cacnb.config import load_config
 from cacnb.data import build_eval_dataset
 from cacnb.data.errors import DatasetError
-from cacnb.data.splits import eval_split_file, read_split, resolve_splits, voc_train_ids
+from cacnb.data.splits import eval_pairs, split_lists, voc_train_ids
 from cacnb.data.palette import VOC_CLASSES
 from cacnb.evaluate import evaluate_run, main as evaluate_main, result_to_json
 from cacnb.runs import load_run
@@ -33,9 +33,10 @@ def test_test_split_is_read_like_val_and_disjoint(held_out_dir):
     test = build_eval_dataset(cfg.data, "test")
     val = build_eval_dataset(cfg.data, "val")
     assert len(test) == 4 and len(val) == 6
-    assert eval_split_file(cfg.data, "test").parent == eval_split_file(cfg.data, "val").parent
-    files = resolve_splits(cfg.data)
-    train = _ids(read_split(files.labeled)) | _ids(read_split(files.unlabeled))
+    for split in ("test", "val"):                                    # both from the dataset's own lists
+        assert eval_pairs(cfg.data, split)[1] == f"{cfg.data.data_dir}: the dataset's {split} list"
+    lists = split_lists(cfg.data)
+    train = _ids(lists.labeled) | _ids(lists.unlabeled)
     assert not (_ids(test.files.pairs) & train) and not (_ids(test.files.pairs) & _ids(val.files.pairs))
     item = test[0]
     assert item["image"].shape[-2:] == item["label"].shape          # whole images, as val
@@ -56,7 +57,7 @@ def test_missing_test_list_is_explained(synthetic_data_dir):
     with pytest.raises(DatasetError, match="test.txt"):
         build_eval_dataset(cfg.data, "test")
     with pytest.raises(DatasetError, match="split must be one of"):
-        eval_split_file(cfg.data, "train")
+        eval_pairs(cfg.data, "train")
 
 
 def test_evaluate_api_and_cli_on_test(held_out_dir, tmp_path, capsys, one_thread):

@@ -6,13 +6,18 @@
 * ``build_eval_dataset(cfg, split)``: whole images of ``val`` or (where the dataset has one) ``test``
 * ``make_train_loader(dataset, batch_size, seed=, rank=, world_size=, num_workers=, start=)``: endless loader
 
-Split lists come from :mod:`cacnb.data.splits`; the synthetic set is read by the VOC reader.
+Split lists come from :mod:`cacnb.data.splits` (computed in memory: building a dataset never writes into the
+dataset folder); the synthetic set is read by the VOC reader.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
+from ..config import dataset_layout
 from .cityscapes import CityscapesFiles
 from .pairs import PairDataset, sample_pair_windows
 from .sampling import InfiniteSampler, make_train_loader
+from .splits import Pair, SplitLists, data_config, dataset_root, eval_pairs, split_lists
 from .transforms import MEAN, STD, denormalize
 from .voc import LabeledDataset, SegFiles
 
@@ -22,50 +27,48 @@ __all__ = ["build_labeled_dataset", "build_pair_dataset", "build_val_dataset", "
            "sample_pair_windows", "MEAN", "STD", "denormalize"]
 
 
-def _cfg(data_cfg):
-    return getattr(data_cfg, "data", data_cfg)  # a DataConfig or a full Config
+def build_labeled_dataset(data_cfg, *, all_train: bool = False,
+                          lists: Optional[SplitLists] = None) -> LabeledDataset:
+    """The labeled crops; ``all_train=True`` (``train.mode = "full"``) labels the unlabeled list too.
 
-
-def _files(cfg, *which: str) -> SegFiles:
-    """The files of the named split lists (``labeled``, ``unlabeled``, ``val``), concatenated in that order."""
-    from . import splits
-
-    root = splits.dataset_root(cfg)
-    split_files = splits.resolve_splits(cfg)
-    pairs = [pair for name in which for pair in splits.read_split(getattr(split_files, name))]
-    return _files_type(cfg)(root, pairs, num_classes=cfg.num_classes, ignore_index=cfg.ignore_index)
-
-
-def _files_type(cfg) -> type:
-    return CityscapesFiles if cfg.dataset == "cityscapes" else SegFiles
-
-
-def build_labeled_dataset(data_cfg, *, all_train: bool = False) -> LabeledDataset:
-    """The labeled crops; ``all_train=True`` (``train.mode = "full"``) labels the unlabeled list too."""
-    cfg = _cfg(data_cfg)
-    which = ("labeled", "unlabeled") if all_train else ("labeled",)
-    return LabeledDataset(_files(cfg, *which), train=True, crop_size=cfg.crop_size, base_size=cfg.base_size,
+    ``data_cfg`` is a DataConfig or a full Config. ``lists``: the run's :func:`~cacnb.data.splits.split_lists`,
+    when the caller already has them (training computes them once, records them and passes them to every
+    builder); by default they are computed here."""
+    cfg = data_config(data_cfg)
+    lists = split_lists(cfg) if lists is None else lists
+    pairs = lists.labeled + lists.unlabeled if all_train else lists.labeled
+    return LabeledDataset(_files(cfg, pairs), train=True, crop_size=cfg.crop_size, base_size=cfg.base_size,
                           scale_range=cfg.scale_range, ignore_index=cfg.ignore_index, color_jitter=cfg.color_jitter)
 
 
-def build_pair_dataset(data_cfg) -> PairDataset:
-    cfg = _cfg(data_cfg)
-    return PairDataset(_files(cfg, "unlabeled"), crop_size=cfg.crop_size, base_size=cfg.base_size,
-                       scale_range=cfg.pair_scale_range, stride=cfg.stride, iou_bound=cfg.iou_bound,
-                       photometric=cfg.photometric, ignore_index=cfg.ignore_index, context=cfg.context)
+def build_pair_dataset(data_cfg, *, lists: Optional[SplitLists] = None) -> PairDataset:
+    """Overlapping crop pairs of the unlabeled list (``lists`` as for :func:`build_labeled_dataset`)."""
+    cfg = data_config(data_cfg)
+    unlabeled = (split_lists(cfg) if lists is None else lists).unlabeled
+    return PairDataset(_files(cfg, unlabeled), crop_size=cfg.crop_size,
+                       base_size=cfg.base_size, scale_range=cfg.pair_scale_range, stride=cfg.stride,
+                       iou_bound=cfg.iou_bound, photometric=cfg.photometric, ignore_index=cfg.ignore_index,
+                       context=cfg.context)
 
 
-def build_val_dataset(data_cfg) -> LabeledDataset:
-    cfg = _cfg(data_cfg)
-    return LabeledDataset(_files(cfg, "val"), train=False, ignore_index=cfg.ignore_index)
+def build_val_dataset(data_cfg, *, lists: Optional[SplitLists] = None) -> LabeledDataset:
+    cfg = data_config(data_cfg)
+    pairs = lists.val if lists is not None else eval_pairs(cfg, "val")[0]
+    return LabeledDataset(_files(cfg, pairs), train=False, ignore_index=cfg.ignore_index)
 
 
 def build_eval_dataset(data_cfg, split: str = "val") -> LabeledDataset:
     """Whole images of the ``val`` split (checkpoint selection) or the ``test`` split (reporting only)."""
-    from . import splits
-
-    cfg = _cfg(data_cfg)
+    cfg = data_config(data_cfg)
     if split == "val":
         return build_val_dataset(cfg)
-    files = _files_type(cfg)(splits.dataset_root(cfg), splits.read_split(splits.eval_split_file(cfg, split)))
+    files = _files_type(cfg)(dataset_root(cfg), eval_pairs(cfg, split)[0])
     return LabeledDataset(files, train=False, ignore_index=cfg.ignore_index)
+
+
+def _files(cfg, pairs: Sequence[Pair]) -> SegFiles:
+    return _files_type(cfg)(dataset_root(cfg), pairs, num_classes=cfg.num_classes, ignore_index=cfg.ignore_index)
+
+
+def _files_type(cfg) -> type:
+    return CityscapesFiles if dataset_layout(cfg.dataset) == "cityscapes" else SegFiles

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .splits import Pair, cityscapes_pair, voc_pair
+from .lines import Pair, cityscapes_pair, voc_pair
 
 OFFICIAL_DIR = Path(__file__).with_name("official_splits")
 DATASETS = ("voc", "cityscapes")

@@ -17,7 +17,6 @@ Geometry (pure functions, no pixels):
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -213,7 +212,3 @@ class PairDataset(Dataset):
                 "overlap": torch.tensor([win.box_a, win.box_b], dtype=torch.long),
                 "flip": torch.tensor(flips, dtype=torch.bool)}
 
-
-def pair_dataset(root: "str | os.PathLike", pairs: Sequence[tuple[str, str]], **kwargs) -> PairDataset:
-    """A :class:`PairDataset` over VOC-layout files (keywords as PairDataset's)."""
-    return PairDataset(SegFiles(root, pairs), **kwargs)

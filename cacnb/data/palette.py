@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import dataset_layout
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -47,22 +49,14 @@ def cityscapes_palette() -> list[int]:
     return flat + [0] * (768 - len(flat))
 
 
-def _dataset_kind(dataset: str) -> str:
-    if dataset in ("voc", "synthetic"):
-        return "voc"
-    if dataset == "cityscapes":
-        return "cityscapes"
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of 'synthetic', 'voc', 'cityscapes'")
-
-
 def class_names(dataset: str) -> tuple[str, ...]:
     """Class names in label order; the synthetic set uses VOC's 21 classes."""
-    return VOC_CLASSES if _dataset_kind(dataset) == "voc" else CITYSCAPES_CLASSES
+    return VOC_CLASSES if dataset_layout(dataset) == "voc" else CITYSCAPES_CLASSES
 
 
 def palette(dataset: str) -> list[int]:
     """The 768-int colour map used to draw ``dataset``'s labels."""
-    return voc_palette() if _dataset_kind(dataset) == "voc" else cityscapes_palette()
+    return voc_palette() if dataset_layout(dataset) == "voc" else cityscapes_palette()
 
 
 def colorize(label, dataset: str = "voc") -> np.ndarray:

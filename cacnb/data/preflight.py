@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Optional
 
 from PIL import Image
+from tqdm.auto import tqdm
 
-from ..paths import resolve
-from . import official, splits
+from ..config import dataset_layout
+from . import splits
 from .errors import DATA_README, DatasetError
+from .palette import class_names
 from .validate import SampleError, file_problem, label_id_problem, list_problems
 from .voc import read_index_png
 
-NUM_CLASSES = {"voc": 21, "synthetic": 21, "cityscapes": 19}
 IGNORE = 255
 _SHOWN_PER_KIND = 20
 
@@ -103,14 +104,15 @@ def check_dataset(data_cfg_or_root, dataset: Optional[str] = None, *, max_files:
     """Check a dataset and collect every problem.
 
     Args:
-        data_cfg_or_root: a DataConfig / Config (dataset, data_dir and split_dir are taken from it), or a folder:
+        data_cfg_or_root: a DataConfig / Config (dataset, data_dir and split_dir are taken from it), or a folder
+            (absolute, or relative to the working directory):
             for VOC the one holding ``VOCdevkit/VOC2012`` (or ``VOC2012`` itself), for Cityscapes the one holding
             ``leftImg8bit/`` and ``gtFine/``.
         dataset: synthetic | voc | cityscapes; default: the config's, or "voc" for a folder.
         max_files: open only the first ``max_files`` samples (the lists are always checked in full).
         progress: show a tqdm bar.
     """
-    cfg = getattr(data_cfg_or_root, "data", data_cfg_or_root)
+    cfg = splits.data_config(data_cfg_or_root)
     split_dir = None
     if hasattr(cfg, "data_dir"):
         dataset = dataset or cfg.dataset
@@ -118,25 +120,24 @@ def check_dataset(data_cfg_or_root, dataset: Optional[str] = None, *, max_files:
     else:
         data_dir = data_cfg_or_root
     dataset = dataset or "voc"
-    if dataset not in NUM_CLASSES:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(NUM_CLASSES)}")
-    folder = resolve(data_dir)
+    layout = dataset_layout(dataset)  # a ValueError for an unknown dataset
+    folder = Path(data_dir)
     report = PreflightReport(root=str(folder), dataset=dataset)
     if not folder.is_dir():
         hint = " (write it with `python -m cacnb.data.synthetic --root DIR`)" if dataset == "synthetic" else ""
         report.add("missing_dir", folder, f"data_dir {str(data_dir)!r} does not exist{hint}")
         return report
-    if dataset == "cityscapes":
+    if layout == "cityscapes":
         samples = _cityscapes_samples(folder, report)
     else:
         samples = _voc_samples(folder, report)
     if split_dir:
-        _check_split_dir(resolve(split_dir), getattr(cfg, "n_labeled", None), report)
+        _check_split_dir(cfg, report)
     if hasattr(cfg, "data_dir"):
         check_split_ids(cfg, Path(report.root), report)
     report.listed = len(samples)
     todo = samples if max_files is None else samples[:max_files]
-    num_classes = getattr(cfg, "num_classes", NUM_CLASSES[dataset])
+    num_classes = getattr(cfg, "num_classes", len(class_names(dataset)))
     _check_files(todo, (num_classes, getattr(cfg, "ignore_index", IGNORE)), report, progress)
     return report
 
@@ -204,17 +205,17 @@ def _cityscapes_samples(folder: Path, report: PreflightReport) -> list[tuple[Pat
     return samples
 
 
-def _check_split_dir(split_dir: Path, n_labeled: Optional[int], report: PreflightReport) -> None:
-    if not split_dir.is_dir():
-        report.add("missing_list", split_dir, "data.split_dir does not exist")
-        return
-    if n_labeled is None:
+def _check_split_dir(cfg, report: PreflightReport) -> None:
+    """The labeled and unlabeled lists ``data.split_dir`` must hold, read as training reads them."""
+    if not Path(cfg.split_dir).is_dir():
+        report.add("missing_list", cfg.split_dir, "data.split_dir does not exist")
         return
     lists = {}
-    for role, name in zip(("labeled", "unlabeled"), splits.split_names(n_labeled)):
-        path = split_dir / name
+    for role, path in splits.given_files(cfg).items():
+        if role == "val":  # optional: the dataset's own val list stands in
+            continue
         if not path.is_file():
-            report.add("missing_list", path, f"needed for data.n_labeled={n_labeled}")
+            report.add("missing_list", path, f"needed for data.n_labeled={cfg.n_labeled}")
             continue
         try:
             lists[role] = (path, [splits.pair_id(p) for p in splits.read_split(path)])
@@ -232,28 +233,24 @@ def chosen_lists(cfg) -> dict[str, list[splits.Pair]]:
     """The lists a run of ``cfg`` will read, by name, when they are given rather than drawn from the files on
     disk: ``data.split_dir``'s, or the shipped lists of ``data.datalist``. {} for generated splits."""
     if cfg.split_dir:
-        folder = resolve(cfg.split_dir)
-        names = [*splits.split_names(cfg.n_labeled), "val.txt"]
         out = {}
-        for name in names:
+        for path in splits.given_files(cfg).values():
             try:
-                out[str(folder / name)] = splits.read_split(folder / name)
+                out[str(path)] = splits.read_split(path)
             except DatasetError:
                 continue  # reported by _check_split_dir (val.txt is optional)
         return out
     if getattr(cfg, "datalist", None) is None:
         return {}
-    labeled, unlabeled, val = official.split_pairs(cfg.dataset, cfg.datalist, cfg.n_labeled)
-    prefix = f"{cfg.dataset} datalist {cfg.datalist}"
-    return {f"{prefix}, {cfg.n_labeled} labeled": labeled, f"{prefix}, unlabeled": unlabeled,
-            f"{prefix}, val": val}
+    lists = splits.split_lists(cfg)
+    return {lists.sources[role]: pairs for role, pairs in lists.items()}
 
 
 def check_split_ids(cfg, root: Path, report: PreflightReport) -> None:
     """Report, by id and list, every image or label that a chosen list names and that is not under ``root``."""
     try:
         lists = chosen_lists(cfg)
-    except ValueError as e:  # no official list for this count; the config check says the same
+    except DatasetError as e:  # no official list for this count; the config check says the same
         report.add("missing_list", f"data.datalist={cfg.datalist}", str(e))
         return
     for name, pairs in lists.items():
@@ -269,8 +266,6 @@ def check_split_ids(cfg, root: Path, report: PreflightReport) -> None:
 
 def _check_files(samples, classes: tuple[int, int], report: PreflightReport, progress: bool) -> None:
     """Open every image and label with training's own readers and rules; ``classes`` = (num_classes, ignore)."""
-    from tqdm.auto import tqdm
-
     for image_path, label_path in tqdm(samples, desc="checking dataset", unit="img", disable=not progress):
         report.checked += 1
         missing = [p for p in (file_problem(image_path, "image"), file_problem(label_path, "label")) if p]

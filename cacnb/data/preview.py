@@ -12,11 +12,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from .palette import class_names, colorize
-from .splits import Pair, pair_id, pair_paths
+from .lines import Pair, pair_id, pair_paths, voc_pairs
+from .palette import class_names, colorize, palette
+from .splits import find_voc_root, voc_train_ids
 
 
 def load_sample(root: "str | os.PathLike", pair: Pair) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +34,6 @@ def load_sample(root: "str | os.PathLike", pair: Pair) -> tuple[np.ndarray, np.n
 def show_grid(root: "str | os.PathLike", pairs: Sequence[Pair], n: int = 8, dataset: str = "voc",
               cols: int = 4, tile: float = 2.6):
     """Figure: the first ``n`` samples, each image above its label drawn with the dataset's colour map."""
-    import matplotlib.pyplot as plt
-
     pairs = list(pairs)[:n]
     cols = max(1, min(cols, len(pairs)))
     rows = -(-len(pairs) // cols)
@@ -63,10 +63,6 @@ def class_pixel_counts(root: "str | os.PathLike", pairs: Sequence[Pair], num_cla
 def plot_class_frequencies(counts: np.ndarray, dataset: str = "voc", title: str = "class frequencies",
                            hide_empty: bool = True):
     """Bar chart of the fraction of labelled pixels per class, bars in the class colours."""
-    import matplotlib.pyplot as plt
-
-    from .palette import palette
-
     names = class_names(dataset)
     counts = np.asarray(counts, dtype=np.float64)
     keep = [k for k in range(len(counts)) if counts[k] > 0 or not hide_empty]
@@ -82,8 +78,6 @@ def plot_class_frequencies(counts: np.ndarray, dataset: str = "voc", title: str 
 
 
 def main(argv=None) -> int:
-    from .splits import find_voc_root, voc_pairs, voc_train_ids
-
     p = argparse.ArgumentParser(prog="python -m cacnb.data.preview", description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", required=True, help="folder holding VOCdevkit/VOC2012 (or VOC2012 itself)")
     p.add_argument("--out", required=True, help="PNG to write")

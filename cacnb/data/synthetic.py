@@ -36,7 +36,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
+from ..paths import resolve
 from .errors import DatasetError, with_readme
 from .palette import VOC_CLASSES, voc_palette
 
@@ -494,8 +496,6 @@ def _clean_stale_partials(root: Path) -> None:
 
 def _generate(voc: Path, splits: Sequence[tuple[str, int, list[str]]], style: SceneStyle, seed: int, size_range,
               max_objects, border, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
         (voc / sub).mkdir(parents=True)
     pal = voc_palette()
@@ -637,7 +637,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-size", type=int, default=None, help="largest image side (default: the style's)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the dataset exists")
     args = parser.parse_args(argv)
-    from ..paths import resolve
 
     try:
         default_lo, default_hi = _style(args.style).size_range

@@ -20,6 +20,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .errors import DatasetError, with_readme
+from .lines import pair_id
 
 IGNORE = 255
 _SHOWN = 10
@@ -136,8 +137,8 @@ def check_split_lists(lists: Mapping[str, tuple["str | os.PathLike", Sequence[st
     problems = list_problems(lists)
     if problems:
         text = "\n".join(f"  {p.path}: {p.detail}" for p in problems)
-        raise SampleError(with_readme(f"the split lists are inconsistent:\n{text}\nFix or regenerate them (remove "
-                                      f"the generated cacnb_splits/ folder, or correct data.split_dir)."),
+        raise SampleError(with_readme(f"the split lists are inconsistent:\n{text}\nFix the lists in data.split_dir "
+                                      f"(or unset it for a seeded split)."),
                           problems[0].kind, problems[0].path)
 
 
@@ -145,8 +146,6 @@ def _show(ids: Sequence[str]) -> str:
     return ", ".join(ids[:_SHOWN]) + (" ..." if len(ids) > _SHOWN else "")
 
 
-def run_split_lists(files) -> dict[str, tuple[Path, list[str]]]:
-    """``{role: (file, ids)}`` of a run's :class:`cacnb.data.splits.SplitFiles`, for :func:`check_split_lists`."""
-    from .splits import pair_id, read_split  # lazy: splits imports the config, which the rules above need not
-
-    return {role: (Path(path), [pair_id(p) for p in read_split(path)]) for role, path in files._asdict().items()}
+def run_split_lists(lists) -> dict[str, tuple[str, list[str]]]:
+    """``{role: (source, ids)}`` of a run's :class:`cacnb.data.splits.SplitLists`, for :func:`check_split_lists`."""
+    return {role: (lists.sources[role], [pair_id(p) for p in pairs]) for role, pairs in lists.items()}

@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 
 from . import transforms as T
 from .errors import DatasetError
-from .splits import pair_id, pair_paths
+from .lines import pair_id, pair_paths
 from .validate import SampleError, check_label_ids, open_failure
 
 Pair = tuple[str, str]

@@ -1,4 +1,4 @@
-"""Read an official CAC JSON config (its ``configs/*.json``) into a :class:`cacnb.config.Config`, key by key.
+"""The official CAC JSON configs (its ``configs/*.json``), read into a :class:`cacnb.config.Config` key by key.
 
 Every key of the official files has one of four fates, listed in :data:`RULES`:
 
@@ -9,18 +9,21 @@ Every key of the official files has one of four fates, listed in :data:`RULES`:
   or a key the official code reads but never acts on; it is listed in one line of notes;
 * anything else (a misspelt key) is a :class:`ConfigError` naming it, as for cacnb's own JSON files.
 
-:func:`import_official` returns the Config and the note lines; :func:`cacnb.config.from_official` prints them.
+:func:`from_official` is the entry point (it prints the notes); :func:`import_official` returns the Config and the
+note lines. Every error is one :class:`ConfigError` starting ``official config:``, raised where it is found.
 """
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from .config import Config, ConfigError, _cityscapes, _voc
+from .overrides import apply_overrides
+from .presets import _cityscapes, _voc
+from .schema import Config, ConfigError
 
 _DATASETS = {"voc": "voc", "cityscapes": "cityscapes", "city": "cityscapes"}
-_MISSING = object()
 
 
 def _leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -188,15 +191,10 @@ def import_official(d: Mapping[str, Any]) -> tuple[Config, list[str]]:
             _check_fixed(key, value, rule)
         else:
             try:
-                rule(cfg, value)
+                rule(cfg, value)  # the handlers only cast and assign: they never raise a ConfigError
             except (TypeError, ValueError):
                 raise ConfigError(f"official config: {key}={value!r} has the wrong type") from None
-    try:
-        _check_special(leaves, cfg)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"official config: a size, stride or early_stop value is not an integer ({e})") from None
+    _check_special(leaves, cfg)
     if ignored:
         notes.append(f"official config: ignored {', '.join(ignored)} (bookkeeping of the official trainer, or "
                      f"keys its code never acts on; see FIDELITY.md)")
@@ -218,15 +216,24 @@ def _base(leaves: Mapping[str, Any]) -> Config:
     if dataset is None:
         raise ConfigError(f"official config: dataset {leaves.get('dataset')!r} is not supported; cacnb reads "
                           f"'voc' and 'cityscapes'")
-    try:
-        n_labeled = int(leaves.get("n_labeled_examples", 1323 if dataset == "voc" else 372))
-        layers = int(leaves.get("model.layers", 50))
-    except (TypeError, ValueError):
-        raise ConfigError("official config: n_labeled_examples and model.layers must be integers") from None
+    n_labeled = _integer(leaves, "n_labeled_examples", 1323 if dataset == "voc" else 372)
+    layers = _integer(leaves, "model.layers", 50)
     if layers not in (50, 101):
         raise ConfigError(f"official config: model.layers must be 50 or 101 (as in the paper), got {layers}")
     backbone = f"resnet{layers}"
     return _voc(backbone, n_labeled) if dataset == "voc" else _cityscapes(n_labeled, backbone)
+
+
+def _integer(leaves: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """``int(leaves[key])``, ``default`` when the key is absent; a ConfigError naming the key when the value is not
+    an integer."""
+    if key not in leaves:
+        return default
+    value = leaves[key]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"official config: {key}={value!r} must be an integer") from None
 
 
 def _check_fixed(key: str, value: Any, rule: tuple) -> None:
@@ -244,18 +251,37 @@ def _check_special(leaves: Mapping[str, Any], cfg: Config) -> None:
                           f"one must be true (as the official model asserts)")
     cfg.train.mode = "supervised" if supervised else "semi"
     for key in ("crop_size", "base_size"):
-        theirs = leaves.get(f"train_unsupervised.{key}", _MISSING)
-        if theirs is not _MISSING and int(theirs) != getattr(cfg.data, key):
+        theirs = _integer(leaves, f"train_unsupervised.{key}")
+        if theirs is not None and theirs != getattr(cfg.data, key):
             raise ConfigError(f"official config: train_unsupervised.{key}={theirs} differs from "
                               f"train_supervised.{key}={getattr(cfg.data, key)}; cacnb uses one data.{key} for "
                               f"both loaders")
-    stride = leaves.get("train_unsupervised.stride", _MISSING)
-    if stride is not _MISSING and int(stride) != cfg.data.stride:
+    stride = _integer(leaves, "train_unsupervised.stride")
+    if stride is not None and stride != cfg.data.stride:
         raise ConfigError(f"official config: train_unsupervised.stride={stride} differs from model.stride="
                           f"{cfg.data.stride}; both are the feature stride (data.stride)")
-    if stride is not _MISSING:
-        cfg.data.stride = int(stride)
-    early = leaves.get("trainer.early_stop", _MISSING)
-    if early is not _MISSING and int(early) < cfg.train.epochs:
+    if stride is not None:
+        cfg.data.stride = stride
+    early = _integer(leaves, "trainer.early_stop")
+    if early is not None and early < cfg.train.epochs:
         raise ConfigError(f"official config: trainer.early_stop={early} < trainer.epochs={cfg.train.epochs} "
                           f"cannot be honoured: cacnb trains every epoch (no early stopping)")
+
+
+def is_official_json(d: Mapping[str, Any]) -> bool:
+    return "n_labeled_examples" in d or "train_supervised" in d
+
+
+def from_official(d: Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
+    """Map an official CAC JSON config (as shipped in its ``configs/``) onto a :class:`Config`, then apply
+    ``overrides``.
+
+    Every key is mapped, checked or noted (:data:`RULES`); the notes are printed as one line each, by rank 0 only.
+    A misspelt key, or a value cacnb cannot honour, is a :class:`ConfigError` naming the key.
+    """
+    cfg, notes = import_official(d)
+    cfg = apply_overrides(cfg, overrides)
+    if os.environ.get("RANK", "0") == "0":
+        for line in notes + data_dir_note(d, cfg):
+            print(line, flush=True)
+    return cfg

@@ -1,25 +1,21 @@
-"""One typed configuration object for every cacnb run.
+"""The configuration schema: the five sections of a :class:`Config`, their types, and every value check.
 
-A :class:`Config` has five sections (``data``, ``model``, ``loss``, ``optim``, ``train``). It comes from
-
-* a preset name (``voc_r50_1323``, ``cityscapes_r50_372``, ``synthetic``, ... see :data:`PRESETS`),
-* a JSON file written by cacnb (``config.json`` in every run dir), or
-* an official CAC JSON file (``configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json`` etc.),
-
-followed by typed overrides ``{"train.epochs": 3}`` or ``["train.epochs=3"]`` (the CLI's ``--set``).
-Unknown keys are errors that list the valid ones, so a typo never silently does nothing.
+Also the typed access by dotted key (``train.epochs``) that JSON files and overrides go through: an unknown key
+is a :class:`ConfigError` naming the closest valid ones, and a value is coerced to the declared type or refused.
+This module imports nothing of cacnb at load time; everything else under :mod:`cacnb.config` builds on it.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-DATASETS = ("synthetic", "voc", "cityscapes")
+LAYOUTS = {"synthetic": "voc", "voc": "voc", "cityscapes": "cityscapes"}  # dataset -> the file layout it uses
+DATASETS = tuple(LAYOUTS)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 MODES = ("semi", "supervised", "full")  # full: every training image labeled (the upper bound)
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -32,6 +28,15 @@ FEATURE_STRIDE = 8
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message says which and what to do."""
+
+
+def dataset_layout(dataset: str) -> str:
+    """``"voc"`` or ``"cityscapes"``: the folder layout, list format and class set of ``dataset`` (the synthetic
+    sets are written in the VOC layout with VOC's 21 classes). The one place that decides it."""
+    try:
+        return LAYOUTS[dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}") from None
 
 
 @dataclass
@@ -132,8 +137,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         """Strict: every key must exist; values are coerced to the declared types."""
-        cfg = cls()
-        return apply_overrides(cfg, _flatten(d))
+        return set_keys(cls(), _flatten(d))
 
     def validate(self) -> "Config":
         _check_choice("data.dataset", self.data.dataset, DATASETS)
@@ -245,7 +249,7 @@ def check_paper_settings(cfg: "Config") -> None:
                           f"stride 4, 2x2 average pooled), got {cfg.data.stride}: the pair offsets and overlap "
                           f"boxes are cut on that grid, and any other value gathers the wrong feature cells")
     if cfg.data.datalist is not None and not cfg.data.split_dir:
-        from .data import official  # lazy: cacnb.data imports this module
+        from ..data import official  # lazy: cacnb.data imports this package (a cycle at load time)
 
         problem = official.choice_problem(cfg.data.dataset, cfg.data.datalist, cfg.data.n_labeled)
         if problem:
@@ -253,7 +257,7 @@ def check_paper_settings(cfg: "Config") -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# keys and typed overrides
+# keys and typed values
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -267,8 +271,8 @@ def valid_keys(cfg: Config | None = None) -> list[str]:
     return keys
 
 
-def _resolve(cfg: Config, key: str) -> tuple[Any, str, Any]:
-    """(owner object, attribute name, declared type) for a dotted key, or a ConfigError listing valid keys."""
+def _field(cfg: Config, key: str) -> tuple[Any, str, Any]:
+    """(owner object, attribute name, declared type) of a dotted key; else a ConfigError naming the closest keys."""
     parts = key.split(".")
     if key == "name":
         return cfg, "name", str
@@ -277,13 +281,14 @@ def _resolve(cfg: Config, key: str) -> tuple[Any, str, Any]:
         hints = typing.get_type_hints(type(owner))
         if parts[1] in hints:
             return owner, parts[1], hints[parts[1]]
-    close = [k for k in valid_keys(cfg) if parts[-1] in k or k.endswith(parts[-1])]
+    keys = valid_keys(cfg)
+    close = [k for k in keys if parts[-1] in k or k.endswith(parts[-1])] or difflib.get_close_matches(key, keys)
     hint = f" Did you mean {close}?" if close else ""
-    raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid_keys(cfg))}")
+    raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(keys)}")
 
 
 def get_key(cfg: Config, key: str) -> Any:
-    owner, attr, _ = _resolve(cfg, key)
+    owner, attr, _ = _field(cfg, key)
     return getattr(owner, attr)
 
 
@@ -340,27 +345,11 @@ def coerce(value: Any, tp: Any, key: str = "?") -> Any:
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
 
-
-def parse_overrides(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["a.b=1", "c.d=x"]`` or a mapping -> ``{"a.b": "1", ...}``."""
-    if items is None:
-        return {}
-    if isinstance(items, Mapping):
-        return dict(items)
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v
-    return out
-
-
-def apply_overrides(cfg: Config, overrides: Iterable[str] | Mapping[str, Any] | None) -> Config:
-    """Return a copy of ``cfg`` with typed overrides applied. Unknown keys raise :class:`ConfigError`."""
+def set_keys(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """A copy of ``cfg`` with ``{dotted key: value}`` set, each value coerced to its key's declared type."""
     cfg = _copy(cfg)
-    for key, value in parse_overrides(overrides).items():
-        owner, attr, tp = _resolve(cfg, key)
+    for key, value in values.items():
+        owner, attr, tp = _field(cfg, key)
         setattr(owner, attr, coerce(value, tp, key))
     return cfg
 
@@ -386,180 +375,10 @@ def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# presets
-
-PAPER_PRETRAINED = {
-    "resnet50": "pretrained/resnet50-19c8e357.pth",
-    "resnet101": "pretrained/resnet101-5d3b4d8f.pth",
-}
-
-
-def _voc(backbone: str, n_labeled: int) -> Config:
-    depth = backbone.replace("resnet", "r")
-    cfg = Config(name=f"voc_{depth}_{n_labeled}")
-    cfg.data = DataConfig(dataset="voc", data_dir="data/VOCtrainval_11-May-2012", n_labeled=n_labeled,
-                          datalist=0, num_classes=21, base_size=400, crop_size=320)
-    cfg.model = ModelConfig(backbone=backbone, pretrained=PAPER_PRETRAINED[backbone])
-    # official: step_save 1 for R-50, 2 for R-101, on 2 GPUs (51,200 / 76,800 negatives)
-    cfg.loss = LossConfig(step_save=1 if backbone == "resnet50" else 2, paper_n_gpu=2)
-    cfg.train = TrainConfig(epochs=80, iters_per_epoch=1157)
-    return cfg
-
-
-def _cityscapes(n_labeled: int, backbone: str = "resnet50") -> Config:
-    cfg = Config(name=f"cityscapes_{backbone.replace('resnet', 'r')}_{n_labeled}")
-    cfg.data = DataConfig(dataset="cityscapes", data_dir="data/cityscapes", n_labeled=n_labeled, datalist=0,
-                          num_classes=19, base_size=2048, crop_size=720, color_jitter=True, num_workers=8)
-    cfg.model = ModelConfig(backbone=backbone, pretrained=PAPER_PRETRAINED[backbone])
-    # official: 4 GPUs, 2 x 16200 x 4 x 1 = 129,600 negatives
-    cfg.loss = LossConfig(selected_num=16200, step_save=0, paper_n_gpu=4)
-    # official Cityscapes file: lr 0.1, 80 epochs; the official trainer fixes 1157 iterations per epoch for every
-    # dataset, and validates on whole images
-    cfg.optim = OptimConfig(lr=0.1)
-    cfg.train = TrainConfig(epochs=80, iters_per_epoch=1157, eval_mode="whole")
-    return cfg
-
-
-def _synthetic() -> Config:
-    """The CPU demo: ResNet-18 from scratch, crop 96, 4 labeled + 4 pairs, 120 iterations on the synthetic set.
-
-    Sized so that ``make demo`` (baseline + CAC + all notebooks) fits in about 15 minutes on 2 CPU cores.
-    """
-    cfg = Config(name="synthetic")
-    cfg.data = DataConfig(dataset="synthetic", data_dir="data/synthetic", n_labeled=60, num_classes=21,
-                          base_size=160, crop_size=96, num_workers=1, synthetic_train=240, synthetic_val=40)
-    cfg.model = ModelConfig(backbone="resnet18", pretrained=None, sync_bn=False)
-    cfg.loss = LossConfig(selected_num=256, step_save=1, epoch_start_unsup=1)
-    cfg.optim = OptimConfig(lr=0.02, backbone_lr_mult=1.0)  # a random-init backbone needs the full lr
-    cfg.train = TrainConfig(epochs=4, iters_per_epoch=30, batch_size=4, batch_size_unsup=4, log_every=5)
-    return cfg
-
-
-def _synthetic_context() -> Config:
-    """The evidence benchmark (``make sweep``): look-alike classes that only context separates, few labels.
-
-    1,200 training images of which 30 are labeled (1/40), 300 val images (checkpoint selection) and 300 test
-    images (reporting only), ResNet-18 from scratch at crop 64, 12 epochs of 100 iterations. CAC switches on after
-    a supervised warm-up of 4 epochs (the paper: 5 of 80), so the pseudo-labels carry information when it starts.
-    Validation every 3 epochs keeps ``make sweep`` (9 runs) within an hour on 2 CPU cores.
-    """
-    cfg = Config(name="synthetic_context")
-    cfg.data = DataConfig(dataset="synthetic", data_dir="data/synthetic_context", n_labeled=30, num_classes=8,
-                          base_size=128, crop_size=64, num_workers=1, synthetic_train=1200, synthetic_val=300,
-                          synthetic_test=300, synthetic_style="context")
-    cfg.model = ModelConfig(backbone="resnet18", pretrained=None, sync_bn=False)
-    cfg.loss = LossConfig(selected_num=256, step_save=1, epoch_start_unsup=4)
-    cfg.optim = OptimConfig(lr=0.02, backbone_lr_mult=1.0)  # a random-init backbone needs the full lr
-    cfg.train = TrainConfig(epochs=12, iters_per_epoch=100, batch_size=4, batch_size_unsup=4, log_every=20,
-                            val_every=3)
-    return cfg
-
-
-PRESETS: dict[str, typing.Callable[[], Config]] = {
-    **{f"voc_r50_{n}": (lambda n=n: _voc("resnet50", n)) for n in (662, 1323, 1464, 2645)},
-    **{f"voc_r101_{n}": (lambda n=n: _voc("resnet101", n)) for n in (662, 1323, 1464, 2645)},
-    "cityscapes_r50_372": lambda: _cityscapes(372),
-    "cityscapes_r50_744": lambda: _cityscapes(744),
-    "synthetic": _synthetic,
-    "synthetic_context": _synthetic_context,
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# official CAC JSON import
-
-
-def is_official_json(d: Mapping[str, Any]) -> bool:
-    return "n_labeled_examples" in d or "train_supervised" in d
-
-
-def from_official(d: Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
-    """Map an official CAC JSON config (as shipped in its ``configs/``) onto a :class:`Config`, then apply
-    ``overrides``.
-
-    Every key is mapped, checked or noted (:mod:`cacnb.official_json`); the notes are printed as one line each, by
-    rank 0 only. A misspelt key, or a value cacnb cannot honour, is a :class:`ConfigError` naming the key.
-    """
-    from . import official_json  # lazy: official_json imports this module's presets
-
-    cfg, notes = official_json.import_official(d)
-    cfg = apply_overrides(cfg, overrides)
-    if os.environ.get("RANK", "0") == "0":
-        for line in notes + official_json.data_dir_note(d, cfg):
-            print(line, flush=True)
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# entry points
-
-
-def load_config(source: "str | os.PathLike | Mapping[str, Any] | Config | None" = "synthetic",
-                overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
-    """Build a validated Config from a preset name, a JSON path (ours or official), a dict, or a Config.
-
-    >>> cfg = load_config("voc_r50_1323", {"train.epochs": 2})
-    """
-    if source is None:
-        source = "synthetic"
-    if isinstance(source, Config):
-        cfg = source
-    elif isinstance(source, Mapping):
-        cfg = _from_json(source, overrides)
-    elif str(source) in PRESETS:
-        cfg = PRESETS[str(source)]()
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor an "
-                              f"existing JSON file")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        cfg = _from_json(d, overrides)
-    return apply_overrides(cfg, overrides).validate()
-
-
-def _from_json(d: Mapping[str, Any], overrides) -> Config:
-    """An official file (overrides applied first, so its notes describe the run) or one of ours."""
-    return from_official(d, overrides) if is_official_json(d) else Config.from_dict(d)
-
-
-def save_config(cfg: Config, path: "str | os.PathLike") -> Path:
-    """Write ``cfg`` as JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-    return path
-
-
-def atomic_write_text(path: "str | os.PathLike", text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
-    from .paths import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """A copy of ``cfg`` with its data, split, weight, output and resume paths made absolute (see
-    :func:`cacnb.paths.resolve`), so every rank and subprocess agrees on them whatever its working directory."""
-    from .paths import resolve
-
-    over = {"data.data_dir": str(resolve(cfg.data.data_dir)), "train.out_dir": str(resolve(cfg.train.out_dir))}
-    for key in ("data.split_dir", "model.pretrained", "train.resume"):
-        if get_key(cfg, key):
-            over[key] = str(resolve(get_key(cfg, key)))
-    return apply_overrides(cfg, over)
-
-
 def per_rank_batch(global_batch: int, world_size: int, key: str = "train.batch_size") -> int:
     """Batch sizes are global; each rank takes ``global / world``. It must divide."""
     if global_batch % world_size:
         raise ConfigError(f"{key}={global_batch} is a global batch and must divide by the world size "
                           f"({world_size}); choose a multiple of {world_size} or change --nproc_per_node")
     return global_batch // world_size
+

@@ -10,7 +10,12 @@ Batch sizes in the config are global; each rank takes ``batch / world_size``. Ra
 an exclusive lock (a second run started into the same dir exits with code 2 naming the holder).
 A run dir that already holds ``last.pt`` resumes from it, so re-running a notebook continues the run; a changed
 model, data or split setting is refused unless ``--force``. SIGTERM / SIGINT (SLURM preemption, Ctrl-C) finish the
-current step, save ``last.pt`` and exit with code 128 + signal; a second Ctrl-C exits at once.
+current step (under torchrun: the steps up to the next log line, where the ranks agree to stop after the same one),
+save ``last.pt`` and exit with code 128 + signal; a second Ctrl-C exits at once.
+
+A step never waits for the device: its loss terms and statistics stay there and are read, with the NaN/Inf check,
+once per ``train.log_every`` steps (and before every checkpoint). A NaN/Inf stops the run at that read, naming the
+first bad iteration and loss term; no checkpoint is written from a diverged state.
 
 Exit codes: 0 done, 2 bad input (config, data, checkpoint, run dir in use, storage), 3 diverged (NaN/Inf),
 130 / 143 stopped by SIGINT / SIGTERM after saving.
@@ -236,9 +241,6 @@ class Trainer:
             self.log.truncate_after(self.iteration, drop_val_at_end=self.pending_val)
         if self.is_main:
             print(f"[cacnb] resumed from {path} at iteration {self.iteration}/{self.end}", flush=True)
-
-    # -- loop ----------------------------------------------------------------------------------------------------
-
 
     # -- loop ----------------------------------------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ def _host_boxes(overlap, flip, batch, h, w, stride):
     if tuple(overlap.shape) != (batch, 2, 4) or tuple(flip.shape) != (batch, 2):
         raise ValueError(f"overlap must be [B, 2, 4] and flip [B, 2] with B = {batch}, got "
                          f"{tuple(overlap.shape)} and {tuple(flip.shape)}")
-    raw, flips = overlap.tolist(), flip.tolist()
+    raw = [[[int(v) for v in box] for box in pair] for pair in overlap.tolist()]
+    flips = [[bool(f) for f in pair] for pair in flip.tolist()]
     if any(v % stride for pair in raw for box in pair for v in box):
         raise ValueError(f"overlap boxes must be multiples of the stride {stride} (data.stride), got {raw}")
     boxes = [[tuple(v // stride for v in box) for box in pair] for pair in raw]

@@ -45,7 +45,7 @@ from .data.errors import DatasetError, with_readme
 from .data.synthetic import make_command, make_synthetic_for
 from .engine import (build_optimizer, load_training_checkpoint, make_checkpoint, rng_state, save_checkpoint, set_lr,
                      set_rng_state, train_step, unwrap)
-from .evaluate import evaluate
+from . import evaluate as evaluation  # looked up at call time, so a test can stand in for it
 from .interrupts import GracefulStop, Interrupted
 from .loss import FeatureBank, negatives_note, negatives_per_crop
 from .model import build_model, maybe_sync_bn
@@ -358,7 +358,7 @@ class Trainer:
             return
         bare = unwrap(self.model)
         dist.broadcast_buffers(bare)
-        result = evaluate(bare, self.val, self.cfg.data.num_classes, mode=self.cfg.train.eval_mode,
+        result = evaluation.evaluate(bare, self.val, self.cfg.data.num_classes, mode=self.cfg.train.eval_mode,
                           crop_size=self.cfg.data.crop_size, ignore_index=self.cfg.data.ignore_index,
                           max_images=self.cfg.data.val_max_images, progress=False)
         self.model.train()

@@ -57,7 +57,7 @@ class _Anchors:
     k: torch.Tensor          # [m, c] positive features (stop-grad)
     label: torch.Tensor      # [m] pseudo-labels, ascending
     pos: torch.Tensor        # [m] q·k/T
-    src: torch.Tensor        # [m] row of the anchor in feat_a (direction a) or feat_b (direction b)
+    src: torch.Tensor        # [m] row of the anchor in [feat_a; feat_b] (direction b: n + its row)
     is_b: torch.Tensor       # [m] bool: anchor belongs to direction b
 
 
@@ -74,18 +74,69 @@ def direction_weights(conf_a, conf_b, pos_thresh, directional=True):
     return w_a, w_b
 
 
-def _active_anchors(feat_a, feat_b, label_a, label_b, w_a, w_b, inv_t) -> _Anchors:
-    idx_a = w_a.nonzero().squeeze(1)
-    idx_b = w_b.nonzero().squeeze(1)
+@dataclass
+class _Plan:
+    """The host-side numbers that shape the stream, read from the device in one transfer (see :func:`_plan`)."""
+    n_a: int                 # active anchors of direction a
+    n_b: int                 # active anchors of direction b
+    q_norm_max: float        # largest ||q / T|| over the active anchors (0 without any)
+    k_norm_max: float        # largest ||k|| over the active anchors (0 without any)
+    neg_norm_max: float      # largest ||n_j|| (0 without negatives)
+    neg_counts: list         # negatives per label (empty with neg_filter=False)
+    anchor_counts: list      # active anchors per label (empty with neg_filter=False)
+
+    @property
+    def m(self) -> int:
+        return self.n_a + self.n_b
+
+
+def _plan(feat_a, feat_b, label_a, label_b, w_a, w_b, neg_feat, neg_label, inv_t, neg_filter, num_classes):
+    """Everything the block loop must know on the host, in one device read.
+
+    The label-sorted stream slices anchors and negatives by label, so the sizes of those slices (and the count
+    of active anchors, and the norms that choose the stabiliser) have to reach Python: this ``tolist`` is the
+    loss's one inherent host sync. Counting per label needs the number of classes; without ``num_classes`` it
+    is read from the labels first (a second sync).
+    """
     dtype = _work_dtype(feat_a)
-    q = torch.cat([feat_a[idx_a], feat_b[idx_b]]).to(dtype)          # [m, c]
-    k = torch.cat([feat_b[idx_a], feat_a[idx_b]]).to(dtype)          # [m, c]
-    label = torch.cat([label_a[idx_a], label_b[idx_b]])
-    is_b = torch.arange(len(label), device=label.device) >= len(idx_a)
-    order = torch.argsort(label, stable=True)
-    q, k = q[order] * inv_t, k[order]
-    return _Anchors(q=q, k=k, label=label[order], pos=(q * k).sum(1),
-                    src=torch.cat([idx_a, idx_b])[order], is_b=is_b[order])
+    w = torch.cat([w_a, w_b])                                                      # [2n] active anchors
+    q_norm = (torch.cat([feat_a, feat_b]).to(dtype) * inv_t).norm(dim=1)           # as the anchors compute it
+    k_norm = torch.cat([feat_b, feat_a]).to(dtype).norm(dim=1)
+    zero = q_norm.new_zeros(1)                                                     # the max of nothing is 0
+    parts = [w_a.sum(0, keepdim=True).to(torch.float64), w_b.sum(0, keepdim=True).to(torch.float64),
+             torch.cat([zero, q_norm * w]).max().reshape(1).to(torch.float64),
+             torch.cat([zero, k_norm * w]).max().reshape(1).to(torch.float64),
+             torch.cat([zero, neg_feat.to(dtype).norm(dim=1)]).max().reshape(1).to(torch.float64)]
+    if neg_filter:
+        if num_classes is None:  # an extra sync; callers that know the class count pass it
+            labels = torch.cat([label_a, label_b, neg_label, label_a.new_zeros(1)])
+            num_classes = int(labels.max()) + 1
+        label = torch.cat([label_a, label_b]).long()
+        neg_counts = torch.zeros(num_classes, dtype=torch.float64, device=neg_label.device)
+        neg_counts.index_add_(0, neg_label.long(), torch.ones_like(neg_label, dtype=torch.float64))
+        anchor_counts = torch.zeros(num_classes, dtype=torch.float64, device=label.device)
+        anchor_counts.index_add_(0, label, w.to(torch.float64))
+        parts += [neg_counts, anchor_counts.to(neg_counts.device)]
+    values = torch.cat([t.to(parts[0].device) for t in parts]).tolist()           # the one read
+    counts = [int(v) for v in values[5:]]
+    k = len(counts) // 2
+    return _Plan(n_a=int(values[0]), n_b=int(values[1]), q_norm_max=values[2], k_norm_max=values[3],
+                 neg_norm_max=values[4], neg_counts=counts[:k], anchor_counts=counts[k:])
+
+
+def _active_anchors(feat_a, feat_b, label_a, label_b, w_a, w_b, inv_t, m) -> _Anchors:
+    """The ``m`` active anchors of both directions, sorted by label (ties: direction a first, then position).
+
+    Sorting puts the inactive ones last, so no boolean mask selects them (a mask's size is a host sync).
+    """
+    n = len(label_a)
+    label = torch.cat([label_a, label_b])                                          # [2n]
+    last = torch.full_like(label, torch.iinfo(label.dtype).max)
+    order = torch.argsort(torch.where(torch.cat([w_a, w_b]), label, last), stable=True)[:m]
+    dtype = _work_dtype(feat_a)
+    q = torch.cat([feat_a, feat_b])[order].to(dtype) * inv_t                       # [m, c]
+    k = torch.cat([feat_b, feat_a])[order].to(dtype)                               # [m, c]
+    return _Anchors(q=q, k=k, label=label[order], pos=(q * k).sum(1), src=order, is_b=order >= n)
 
 
 def _work_dtype(t):
@@ -93,22 +144,19 @@ def _work_dtype(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _label_blocks(neg_label_sorted, anchor_label, chunk_size, neg_filter=True):
+def _label_blocks(plan: _Plan, n_neg, chunk_size, neg_filter=True):
     """Yield ``(n0, n1, exclude0, exclude1)``: negatives ``[n0, n1)`` all share one label, and the anchors
     ``[exclude0, exclude1)`` carry that label (so the false-negative filter removes exactly that pair block).
     Without ``neg_filter`` the blocks are plain chunks and no anchor is excluded (``exclude0 = exclude1 = 0``)."""
     if not neg_filter:
-        for n0 in range(0, len(neg_label_sorted), chunk_size):
-            yield n0, min(n0 + chunk_size, len(neg_label_sorted)), 0, 0
+        for n0 in range(0, n_neg, chunk_size):
+            yield n0, min(n0 + chunk_size, n_neg), 0, 0
         return
-    values, counts = torch.unique_consecutive(neg_label_sorted, return_counts=True)
-    lo = torch.searchsorted(anchor_label, values, right=False).tolist()
-    hi = torch.searchsorted(anchor_label, values, right=True).tolist()
-    start = 0
-    for count, a0, a1 in zip(counts.tolist(), lo, hi):
+    start = a0 = 0
+    for count, a_count in zip(plan.neg_counts, plan.anchor_counts):
         for n0 in range(start, start + count, chunk_size):
-            yield n0, min(n0 + chunk_size, start + count), a0, a1
-        start += count
+            yield n0, min(n0 + chunk_size, start + count), a0, a0 + a_count
+        start, a0 = start + count, a0 + a_count
 
 
 class _Accumulators:
@@ -119,8 +167,9 @@ class _Accumulators:
     ``acc`` and ``s`` at once). ``m`` is kept integral, so it is exact in bf16 too.
     """
 
-    def __init__(self, anchors: _Anchors, neg_norm_max: float, stabilizer: str):
-        self.running = _needs_running_max(anchors, neg_norm_max, stabilizer)
+    def __init__(self, anchors: _Anchors, plan: _Plan, stabilizer: str):
+        self.running = _needs_running_max(plan, stabilizer)
+        neg_norm_max = plan.neg_norm_max
         if self.running:
             shift = anchors.pos  # the positive is always in the sum, so the running max starts there
         else:
@@ -167,13 +216,12 @@ class _Accumulators:
             self.sums[r0:r1].addmm_(logits, negs_aug)
 
 
-def _needs_running_max(anchors, neg_norm_max, stabilizer):
+def _needs_running_max(plan: _Plan, stabilizer):
     if stabilizer != "auto":
         return stabilizer == "running"
-    if len(anchors.pos) == 0:
+    if plan.m == 0:
         return False
-    q_norm = anchors.q.norm(dim=1).max().item()
-    widest = q_norm * max(anchors.k.norm(dim=1).max().item(), neg_norm_max)
+    widest = plan.q_norm_max * max(plan.k_norm_max, plan.neg_norm_max)
     return 2.0 * widest + 1.0 > _STATIC_RANGE  # logits lie in [-widest, widest]; ceil adds < 1
 
 
@@ -206,18 +254,16 @@ def _sorted_negatives(neg_feat, neg_label, dtype):
     return negs_aug, neg_label[order]
 
 
-def _stream(anchors, neg_feat, neg_label, chunk_size, stabilizer, precision, neg_filter=True):
+def _stream(anchors, plan, neg_feat, neg_label, chunk_size, stabilizer, precision, neg_filter=True):
     """Run the block loop; return the accumulators."""
     negs_aug, neg_label = _sorted_negatives(neg_feat, neg_label, anchors.q.dtype)
-    neg_norm_max = negs_aug[:, :-1].norm(dim=1).max().item() if len(negs_aug) else 0.0
-    accu = _Accumulators(anchors, neg_norm_max, stabilizer)
+    accu = _Accumulators(anchors, plan, stabilizer)
     mm_dtype = torch.bfloat16 if precision == "bf16" else anchors.q.dtype
-    m = len(anchors.pos)
     with _matmul_precision(precision, negs_aug.device):
-        for n0, n1, a0, a1 in _label_blocks(neg_label, anchors.label, chunk_size, neg_filter):
+        for n0, n1, a0, a1 in _label_blocks(plan, len(neg_label), chunk_size, neg_filter):
             block = negs_aug[n0:n1]
-            accu.update(0, a0, block, mm_dtype)   # anchors with a smaller label
-            accu.update(a1, m, block, mm_dtype)   # anchors with a larger label
+            accu.update(0, a0, block, mm_dtype)          # anchors with a smaller label
+            accu.update(a1, plan.m, block, mm_dtype)     # anchors with a larger label
     return accu
 
 
@@ -235,13 +281,15 @@ class _DirectionalInfoNCE(torch.autograd.Function):
     def forward(ctx, feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label, opts):
         temperature = opts["temperature"]
         w_a, w_b = direction_weights(conf_a, conf_b, opts["pos_thresh"], opts["directional"])
-        anchors = _active_anchors(feat_a, feat_b, label_a, label_b, w_a, w_b, 1.0 / temperature)
-        accu = _stream(anchors, neg_feat.to(feat_a.device), neg_label.to(feat_a.device), opts["chunk_size"],
-                       opts["stabilizer"], opts["precision"], opts["neg_filter"])
+        neg_feat, neg_label = neg_feat.to(feat_a.device), neg_label.to(feat_a.device)
+        plan = _plan(feat_a, feat_b, label_a, label_b, w_a, w_b, neg_feat, neg_label, 1.0 / temperature,
+                     opts["neg_filter"], opts["num_classes"])
+        anchors = _active_anchors(feat_a, feat_b, label_a, label_b, w_a, w_b, 1.0 / temperature, plan.m)
+        accu = _stream(anchors, plan, neg_feat, neg_label, opts["chunk_size"], opts["stabilizer"],
+                       opts["precision"], opts["neg_filter"])
         per_anchor = accu.per_anchor_loss(anchors)                        # [m] l_i
-        n_a, n_b = int(w_a.sum()), int(w_b.sum())
-        loss_a, loss_b = _direction_means(anchors, per_anchor, n_a, n_b)
-        ctx.save_for_backward(*_anchor_grads(anchors, accu, feat_a, n_a, n_b, temperature))
+        loss_a, loss_b = _direction_means(anchors, per_anchor, plan.n_a, plan.n_b)
+        ctx.save_for_backward(*_anchor_grads(anchors, accu, feat_a, plan.n_a, plan.n_b, temperature))
         ctx.feat_dtypes = (feat_a.dtype, feat_b.dtype)
         return loss_a, loss_b                          # fp32 (fp64 for fp64 inputs), whatever the feature dtype
 
@@ -260,16 +308,14 @@ def _anchor_grads(anchors, accu, feat_a, n_a, n_b, temperature):
     grad = (accu.acc - accu.s[:, None] * anchors.k) / (total[:, None] * temperature)   # [m, c]
     weight = torch.where(anchors.is_b, 1.0 / max(n_b, 1), 1.0 / max(n_a, 1))
     grad = grad * weight[:, None]
-    unit_a = grad.new_zeros(feat_a.shape)
-    unit_b = grad.new_zeros(feat_a.shape)
-    unit_a.index_copy_(0, anchors.src[~anchors.is_b], grad[~anchors.is_b])
-    unit_b.index_copy_(0, anchors.src[anchors.is_b], grad[anchors.is_b])
-    return unit_a, unit_b
+    n = len(feat_a)
+    units = grad.new_zeros((2 * n, feat_a.shape[1])).index_copy_(0, anchors.src, grad)   # [feat_a; feat_b] rows
+    return units[:n], units[n:]
 
 
 def directional_contrastive_loss(feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label,
                                  temperature=0.1, pos_thresh=0.75, *, chunk_size=4096, precision="fp32",
-                                 stabilizer="auto", directional=True, neg_filter=True):
+                                 stabilizer="auto", directional=True, neg_filter=True, num_classes=None):
     """CAC's directional contrastive loss for both directions: ``(loss_a, loss_b)``.
 
     ``feat_*`` ``[n, c]`` L2-normalised features of the same overlap positions in crops a and b, ``conf_*``
@@ -287,8 +333,9 @@ def directional_contrastive_loss(feat_a, feat_b, conf_a, conf_b, label_a, label_
     Options: ``chunk_size`` negatives per block (memory is ``O(n × chunk_size)``); ``precision`` "fp32"
     (default, exact), "tf32" (TF32 matmuls on CUDA, fp32 elsewhere) or "bf16" (bf16 matmul inputs, fp32
     sums); ``stabilizer`` "auto" (static Cauchy-Schwarz shift when the logit range is safe, else running max),
-    "bound" or "running". Ablations (module docstring): ``directional=False`` drops the confidence rule,
-    ``neg_filter=False`` keeps same-label negatives.
+    "bound" or "running"; ``num_classes`` bounds the labels (``[0, num_classes)``): the loss then reads the
+    device once (the sizes of its label blocks), else twice. Ablations (module docstring): ``directional=False``
+    drops the confidence rule, ``neg_filter=False`` keeps same-label negatives.
     """
     _check_inputs(feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label)
     if precision not in PRECISIONS:
@@ -299,7 +346,7 @@ def directional_contrastive_loss(feat_a, feat_b, conf_a, conf_b, label_a, label_
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size} (config key loss.chunk_size)")
     opts = dict(temperature=float(temperature), pos_thresh=float(pos_thresh), chunk_size=int(chunk_size),
                 precision=precision, stabilizer=stabilizer, directional=bool(directional),
-                neg_filter=bool(neg_filter))
+                neg_filter=bool(neg_filter), num_classes=None if num_classes is None else int(num_classes))
     # autocast would silently run the fp32 matmuls in low precision; `precision` is the explicit switch
     with torch.autocast(device_type=feat_a.device.type, enabled=False):
         return _DirectionalInfoNCE.apply(feat_a, feat_b, conf_a.detach(), conf_b.detach(), label_a, label_b,

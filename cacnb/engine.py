@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from . import dist
 from .checkpoint_io import FORMAT as CHECKPOINT_FORMAT
 from .config import Config
+from .loss import cac_unsup_loss
 from .model import unwrap
+from .paths import atomic_write
 
 CHECKPOINT_VERSION = 1
 
@@ -57,9 +59,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.SGD:
 
 @dataclass
 class StepResult:
+    """One step's loss and what to log about it, all tensors on the device: nothing here is read by the step."""
     loss: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)   # scalar tensors, for the NaN check + logs
-    stats: dict[str, float] = field(default_factory=dict)          # loss statistics (floats)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)   # the loss's parts (0-d, detached)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)   # loss statistics (0-d, detached)
+
+    def checked_terms(self) -> dict[str, torch.Tensor]:
+        """The parts, then the total: the values that must stay finite, in the order a NaN check names them."""
+        return {**self.terms, "loss": self.loss.detach()}
 
 
 def supervised_loss(sup_logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -74,10 +81,10 @@ def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, ba
 
     ``model`` is a :class:`cacnb.model.TrainingForward` (possibly under DDP / torch.compile).
 
-    ``batch_u`` is None in supervised mode and before ``epoch_start_unsup``.
+    ``batch_u`` is None in supervised mode and before ``epoch_start_unsup``. Nothing is read back from the
+    device: the pairs' overlap boxes stay the loader's CPU tensors (host geometry), the rest moves without
+    blocking.
     """
-    from .loss import cac_unsup_loss
-
     device = next(model.parameters()).device
     x_l = batch_l["image"].to(device, non_blocking=True)
     y_l = batch_l["label"].to(device, non_blocking=True)
@@ -89,18 +96,10 @@ def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, ba
     out = model(x_l, pair[:, 0], pair[:, 1])
     loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
     crop_a, crop_b = out["crops"]
-    loss_unsup, stats = cac_unsup_loss(crop_a, crop_b, batch_u["overlap"].to(device), batch_u["flip"].to(device),
-                                       bank, cfg.loss, generator=generator, stride=cfg.data.stride)
+    loss_unsup, stats = cac_unsup_loss(crop_a, crop_b, batch_u["overlap"], batch_u["flip"], bank, cfg.loss,
+                                       generator=generator, stride=cfg.data.stride)
     terms = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach()}
     return StepResult(loss_sup + loss_unsup, terms, stats)
-
-
-def first_bad_term(result: StepResult) -> Optional[str]:
-    """Name of the first non-finite loss term, the parts before the total (None when all are finite)."""
-    for name, value in {**result.terms, "loss": result.loss.detach()}.items():
-        if not torch.isfinite(value).all():
-            return name
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,15 +123,18 @@ def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator]) -
         generator.set_state(state["negatives"])
 
 
-def make_checkpoint(model, optimizer, cfg: Config, *, bank, scaler, epoch: int, iteration: int,
-                    rngs: list, history: list, best_miou: float) -> dict:
-    """A checkpoint of plain tensors and primitives, loadable with ``torch.load(weights_only=True)``."""
+def make_checkpoint(model, optimizer, cfg: Config, *, bank, epoch: int, iteration: int, rngs: list, history: list,
+                    best_miou: float) -> dict:
+    """A checkpoint of plain tensors and primitives, loadable with ``torch.load(weights_only=True)``.
+
+    ``scaler`` stays None: bf16 autocast needs no gradient scaler; the key keeps the format's version 1.
+    """
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "scaler": None,
         "bank": bank.state_dict() if bank is not None else None,
         "config": cfg.to_dict(),
         "epoch": int(epoch),
@@ -147,6 +149,4 @@ def make_checkpoint(model, optimizer, cfg: Config, *, bank, scaler, epoch: int, 
 def save_checkpoint(state: dict, path: "str | os.PathLike") -> Path:
     """Write atomically (temporary file + ``os.replace``): the previous checkpoint stays until the new one is
     complete, so a crash never leaves a torn file under ``path``."""
-    from .paths import atomic_write
-
     return atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -64,7 +64,7 @@ def worker_env(nproc: int, extra: Optional[Mapping[str, str]] = None) -> dict[st
     return env
 
 
-def launch(config: "Config | str" = "synthetic", *, nproc: int = 1,
+def launch(config: "Config | str", *, nproc: int = 1,
            overrides: "Mapping[str, object] | Iterable[str] | None" = None, nnodes: int = 1,
            rdzv_endpoint: Optional[str] = None, timeout: Optional[float] = None,
            env: Optional[Mapping[str, str]] = None, quiet: bool = False, force: bool = False,

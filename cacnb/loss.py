@@ -22,7 +22,7 @@ from cacnb.contrastive import (  # noqa: F401  (re-exported: the public loss API
 from cacnb.data.pairs import overlap_cells
 
 __all__ = [
-    "gather_overlap", "sample_negatives", "negatives_total", "negatives_per_crop", "negatives_note",
+    "gather_overlap", "overlap_index", "sample_negatives", "negatives_total", "negatives_per_crop", "negatives_note",
     "sample_crop_negatives", "FeatureBank",
     "cac_unsup_loss",
     "confidence_and_pseudo_label",
@@ -34,33 +34,53 @@ __all__ = [
 # overlap gathering
 
 
-def _overlap_index(overlap_k, flip_k, h, w, stride):
-    """Flat indices into a ``[B*h*w]`` map of crop k's overlap positions, row-major within each box.
+def _host_boxes(overlap, flip, batch, h, w, stride):
+    """Each crop's overlap box on the ``h x w`` map and its flip, as Python ints: ``(boxes, flips)`` with
+    ``boxes[b][k] = (top, left, bottom, right)`` and ``flips[b][k]`` for pair ``b``, crop ``k``.
 
-    ``overlap_k`` ``[B, 4]`` (top, left, bottom, right) in the raw crop's pixels; ``flip_k`` ``[B]``: the map as
-    given is the raw crop flipped horizontally (:func:`cacnb.data.pairs.overlap_cells` places the cells).
+    The boxes are the loader's own CPU tensors, so reading them is no device sync (boxes already on a GPU
+    would cost one). Every check runs on these Python values.
     """
-    cells = []
-    for b, box in enumerate(overlap_k.tolist()):
-        rows, cols = overlap_cells(box, bool(flip_k[b]), w, stride)
-        cells.append(b * h * w + (rows[:, None] * w + cols[None, :]).reshape(-1))
-    return torch.cat(cells) if cells else torch.zeros(0, dtype=torch.long)
-
-
-def _check_overlap(overlap, flip, batch, h, w, stride):
-    if overlap.shape != (batch, 2, 4) or flip.shape != (batch, 2):
+    if tuple(overlap.shape) != (batch, 2, 4) or tuple(flip.shape) != (batch, 2):
         raise ValueError(f"overlap must be [B, 2, 4] and flip [B, 2] with B = {batch}, got "
                          f"{tuple(overlap.shape)} and {tuple(flip.shape)}")
-    if bool((overlap % stride != 0).any()):
-        raise ValueError(f"overlap boxes must be multiples of the stride {stride} (data.stride), got "
-                         f"{overlap.tolist()}")
-    box = overlap // stride
-    size = torch.stack([box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]], -1)  # [B, 2, 2]
-    if bool((size[:, 0] != size[:, 1]).any()) or bool((size <= 0).any()):
-        raise ValueError(f"the two crops' overlap boxes must be non-empty and of equal size, got {overlap.tolist()}")
-    if bool((box[..., :2] < 0).any()) or bool((box[..., 2] > h).any()) or bool((box[..., 3] > w).any()):
-        raise ValueError(f"overlap boxes {overlap.tolist()} exceed the {h}x{w} feature map at stride {stride}; "
-                         f"is data.stride right for this model?")
+    raw = [[[int(v) for v in box] for box in pair] for pair in overlap.tolist()]
+    flips = [[bool(f) for f in pair] for pair in flip.tolist()]
+    if any(v % stride for pair in raw for box in pair for v in box):
+        raise ValueError(f"overlap boxes must be multiples of the stride {stride} (data.stride), got {raw}")
+    boxes = [[tuple(v // stride for v in box) for box in pair] for pair in raw]
+    for pair in boxes:
+        sizes = [(bottom - top, right - left) for top, left, bottom, right in pair]
+        if sizes[0] != sizes[1] or min(sizes[0]) <= 0:
+            raise ValueError(f"the two crops' overlap boxes must be non-empty and of equal size, got {raw}")
+        if any(top < 0 or left < 0 or bottom > h or right > w for top, left, bottom, right in pair):
+            raise ValueError(f"overlap boxes {raw} exceed the {h}x{w} feature map at stride {stride}; "
+                             f"is data.stride right for this model?")
+    return boxes, flips
+
+
+def overlap_index(overlap, flip, batch, h, w, stride=8):
+    """Flat indices into ``[B*h*w]`` maps of both crops' shared positions, aligned: ``(index_a, index_b)``
+    (CPU long tensors, row-major within each pair's box, concatenated over the batch).
+
+    ``overlap`` ``[B, 2, 4]`` (top, left, bottom, right) in each raw crop's pixels; ``flip`` ``[B, 2]``: the map
+    as given is the raw crop flipped horizontally, so raw column ``x`` sits at column ``w - 1 - x``.
+    """
+    boxes, flips = _host_boxes(overlap, flip, batch, h, w, stride)
+    index = []
+    for k in range(2):
+        cells = []
+        for b, (pair, flipped) in enumerate(zip(boxes, flips)):
+            rows, cols = overlap_cells(pair[k], flipped[k], w, stride=1)     # the box is already in cells
+            cells.append(b * h * w + (rows[:, None] * w + cols[None, :]).reshape(-1))
+        index.append(torch.cat(cells) if cells else torch.zeros(0, dtype=torch.long))
+    return index[0], index[1]
+
+
+def _take(x, index):
+    """Rows ``index`` of a ``[B, C, h, w]`` map (as ``[n, C]``) or of a ``[B, h, w]`` map (as ``[n]``)."""
+    flat = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x.reshape(-1)
+    return flat[index.to(x.device, non_blocking=True)]  # a host-to-device copy, no sync
 
 
 def gather_overlap(x_a, x_b, overlap, flip, stride=8):
@@ -71,17 +91,10 @@ def gather_overlap(x_a, x_b, overlap, flip, stride=8):
     ``flip`` ``[B, 2]`` bool. Row ``r`` of both outputs is the same image position, row-major within each
     pair's box and concatenated over the batch.
     """
-    batch, h, w = x_a.shape[0], x_a.shape[-2], x_a.shape[-1]
     if x_b.shape != x_a.shape:
         raise ValueError(f"x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} must have the same shape")
-    overlap, flip = overlap.cpu().long(), flip.cpu().bool()
-    _check_overlap(overlap, flip, batch, h, w, stride)
-    out = []
-    for k, x in enumerate((x_a, x_b)):
-        index = _overlap_index(overlap[:, k], flip[:, k], h, w, stride).to(x.device)
-        flat = x.movedim(1, -1).reshape(batch * h * w, -1) if x.dim() == 4 else x.reshape(-1)  # [B*h*w, C]
-        out.append(flat[index])
-    return out[0], out[1]
+    index_a, index_b = overlap_index(overlap, flip, x_a.shape[0], x_a.shape[-2], x_a.shape[-1], stride)
+    return _take(x_a, index_a), _take(x_b, index_b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,7 +111,7 @@ def sample_negatives(feat, label, num, generator: Optional[torch.Generator] = No
     total = b * h * w
     gen_device = generator.device if generator is not None else torch.device("cpu")
     index = torch.randperm(total, generator=generator, device=gen_device)[:min(int(num), total)]
-    index = index.to(feat.device)
+    index = index.to(feat.device, non_blocking=True)
     flat = feat.detach().movedim(1, -1).reshape(total, c)                 # [B*h*w, c]
     return flat[index], label.detach().reshape(total)[index]
 
@@ -152,7 +165,8 @@ class FeatureBank(nn.Module):
     """The negatives of the last ``step_save + 1`` steps (official semantics), as checkpointable buffers.
 
     ``feat`` ``[total, c]`` and ``label`` ``[total]`` hold the sets back to back, oldest first; ``lengths``
-    ``[k]`` their row counts. Loading a state dict restores the sets even into a fresh, empty bank.
+    ``[k]`` their row counts (mirrored on the host, so pushing reads nothing from the device). Loading a state
+    dict restores the sets even into a fresh, empty bank.
     """
 
     def __init__(self, step_save: int):
@@ -163,9 +177,10 @@ class FeatureBank(nn.Module):
         self.register_buffer("feat", torch.zeros(0, 0))
         self.register_buffer("label", torch.zeros(0, dtype=torch.long))
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.long))
+        self.sizes: list[int] = []  # lengths.tolist(), kept in step
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.sizes)
 
     @torch.no_grad()
     def push(self, feat, label):
@@ -176,22 +191,20 @@ class FeatureBank(nn.Module):
                              f"ones: was it restored from a checkpoint with another model.proj_dim?")
         if len(self) == 0:
             old_feat, old_label = feat[:0], label[:0]
-            lengths = torch.zeros(0, dtype=torch.long)
         else:
-            old_feat = self.feat.to(feat.device, feat.dtype)
-            old_label, lengths = self.label.to(label.device), self.lengths.cpu()
+            old_feat, old_label = self.feat.to(feat.device, feat.dtype), self.label.to(label.device)
         all_feat, all_label = torch.cat([old_feat, feat]), torch.cat([old_label, label])
-        lengths = torch.cat([lengths, torch.tensor([len(feat)])])
-        drop = int(lengths[:-(self.step_save + 1)].sum())
+        sizes = self.sizes + [len(feat)]
+        self.sizes = sizes[-(self.step_save + 1):]
+        drop = sum(sizes) - sum(self.sizes)
         # clone: a sliced view would keep (and checkpoint) the dropped rows' storage
         self.feat, self.label = all_feat[drop:].clone(), all_label[drop:].clone()
-        self.lengths = lengths[-(self.step_save + 1):].to(feat.device)
+        self.lengths = torch.tensor(self.sizes, dtype=torch.long).to(feat.device, non_blocking=True)
         return self.feat, self.label
 
     def sets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The stored sets, oldest first."""
-        sizes = self.lengths.tolist()
-        return list(zip(self.feat.split(sizes), self.label.split(sizes)))
+        return list(zip(self.feat.split(self.sizes), self.label.split(self.sizes)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -202,6 +215,7 @@ class FeatureBank(nn.Module):
                 setattr(self, name, state_dict[key].detach().to(getattr(self, name).device, copy=True))
             elif strict:
                 missing_keys.append(key)
+        self.sizes = [int(v) for v in self.lengths.tolist()]
         if int(self.lengths.sum()) != len(self.feat) or len(self.feat) != len(self.label):
             error_msgs.append(f"{prefix}: bank lengths {self.lengths.tolist()} do not match feat "
                               f"{tuple(self.feat.shape)} / label {tuple(self.label.shape)}")
@@ -236,48 +250,57 @@ def _negatives(crops, world_size, bank, loss_cfg, generator):
     return bank.push(feat, label)
 
 
-def _neg_kept_mean(anchor_labels, neg_label, neg_filter=True):
-    """Mean over ``anchor_labels`` of the negatives the same-label filter keeps (0.0 for no anchor; all of them
-    without the filter).
+def _neg_kept_mean(anchor_label, weight, neg_label, num_classes, neg_filter=True):
+    """Mean over the anchors with ``weight`` 1 of the negatives the same-label filter keeps (all of them without
+    the filter; 0 when no anchor has weight 1), as a tensor: weighted, so no mask selects the anchors.
 
-    Pass only the anchors that enter the loss: the others would skew the statistic towards unlabelled areas.
+    Weight only the anchors that enter the loss: the others would skew the statistic towards unlabelled areas.
     """
-    if len(anchor_labels) == 0:
-        return 0.0
-    if not neg_filter:
-        return float(len(neg_label))
-    size = int(max(anchor_labels.max(), neg_label.max() if len(neg_label) else 0)) + 1
-    per_class = torch.bincount(neg_label, minlength=size)
-    return float((len(neg_label) - per_class[anchor_labels]).float().mean())
+    weight = weight.float()
+    if neg_filter:
+        per_class = torch.zeros(num_classes, device=neg_label.device)
+        per_class.index_add_(0, neg_label, torch.ones_like(neg_label, dtype=per_class.dtype))
+        kept = len(neg_label) - per_class.to(anchor_label.device)[anchor_label]
+    else:
+        kept = torch.full_like(weight, float(len(neg_label)))
+    return (kept * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def cac_unsup_loss(crop_a: dict, crop_b: dict, overlap, flip, bank: FeatureBank, loss_cfg, *,
                    generator: Optional[torch.Generator], stride: int = 8):
-    """``weight_unsup × (loss_a + loss_b)`` for a batch of pairs, and float statistics to log.
+    """``weight_unsup × (loss_a + loss_b)`` for a batch of pairs, and statistics to log (0-d tensors, never read
+    here: the trainer reads them once per log line).
 
     ``crop_*`` are the model's ``crop_outputs`` dicts (``"proj"`` ``[B, c, h, w]`` L2-normalised,
     ``"logits"`` ``[B, K, h, w]``). Confidences and pseudo-labels come from the logits without gradient.
-    Negatives are sampled from both crops, gathered across ranks and pushed to ``bank``.
+    Negatives are sampled from both crops, gathered across ranks and pushed to ``bank``. ``overlap`` and
+    ``flip`` should be the loader's CPU tensors (see :func:`overlap_index`).
     """
+    proj_a, proj_b = crop_a["proj"], crop_b["proj"]
+    num_classes = crop_a["logits"].shape[1]
     conf_map_a, label_map_a = confidence_and_pseudo_label(crop_a["logits"])
     conf_map_b, label_map_b = confidence_and_pseudo_label(crop_b["logits"])
-    feat_a, feat_b = gather_overlap(crop_a["proj"], crop_b["proj"], overlap, flip, stride)
-    conf_a, conf_b = gather_overlap(conf_map_a, conf_map_b, overlap, flip, stride)
-    label_a, label_b = gather_overlap(label_map_a, label_map_b, overlap, flip, stride)
-    crops = [(crop_a["proj"], label_map_a), (crop_b["proj"], label_map_b)]
+    index_a, index_b = overlap_index(overlap, flip, proj_a.shape[0], proj_a.shape[-2], proj_a.shape[-1], stride)
+    feat_a, feat_b = _take(proj_a, index_a), _take(proj_b, index_b)
+    conf_a, conf_b = _take(conf_map_a, index_a), _take(conf_map_b, index_b)
+    label_a, label_b = _take(label_map_a, index_a), _take(label_map_b, index_b)
+    crops = [(proj_a, label_map_a), (proj_b, label_map_b)]
     neg_feat, neg_label = _negatives(crops, dist.get_world_size(), bank, loss_cfg, generator)
     loss_a, loss_b = directional_contrastive_loss(
         feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg_feat, neg_label,
         temperature=loss_cfg.temperature, pos_thresh=loss_cfg.pos_thresh,
         chunk_size=loss_cfg.chunk_size, precision=loss_cfg.precision,
-        directional=loss_cfg.directional, neg_filter=loss_cfg.neg_filter)
+        directional=loss_cfg.directional, neg_filter=loss_cfg.neg_filter, num_classes=num_classes)
     w_a, w_b = direction_weights(conf_a, conf_b, loss_cfg.pos_thresh, loss_cfg.directional)
+    n = len(feat_a)
+    zero = loss_a.new_zeros(())
     stats = {
-        "loss_a": float(loss_a.detach()), "loss_b": float(loss_b.detach()),
-        "n_overlap": float(len(feat_a)),
-        "frac_pos_a": float(w_a.float().mean()) if len(w_a) else 0.0,
-        "frac_pos_b": float(w_b.float().mean()) if len(w_b) else 0.0,
-        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a[w_a], label_b[w_b]]), neg_label, loss_cfg.neg_filter),
-        "n_neg": float(len(neg_label)),
+        "loss_a": loss_a.detach(), "loss_b": loss_b.detach(),
+        "n_overlap": loss_a.new_full((), float(n)),
+        "frac_pos_a": w_a.float().mean() if n else zero,
+        "frac_pos_b": w_b.float().mean() if n else zero,
+        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a, label_b]), torch.cat([w_a, w_b]), neg_label,
+                                        num_classes, loss_cfg.neg_filter),
+        "n_neg": loss_a.new_full((), float(len(neg_label))),
     }
     return loss_cfg.weight_unsup * (loss_a + loss_b), stats

@@ -98,9 +98,6 @@ class ConfusionMeter:
         if device is not None:
             self.cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=device)
 
-    def reset(self) -> None:
-        self.cm = None if self.cm is None else torch.zeros_like(self.cm)
-
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         self.cm = cm if self.cm is None else self.cm + cm.to(self.cm.device)

@@ -10,7 +10,12 @@ Batch sizes in the config are global; each rank takes ``batch / world_size``. Ra
 an exclusive lock (a second run started into the same dir exits with code 2 naming the holder).
 A run dir that already holds ``last.pt`` resumes from it, so re-running a notebook continues the run; a changed
 model, data or split setting is refused unless ``--force``. SIGTERM / SIGINT (SLURM preemption, Ctrl-C) finish the
-current step, save ``last.pt`` and exit with code 128 + signal; a second Ctrl-C exits at once.
+current step (under torchrun: the steps up to the next log line, where the ranks agree to stop after the same one),
+save ``last.pt`` and exit with code 128 + signal; a second Ctrl-C exits at once.
+
+A step never waits for the device: its loss terms and statistics stay there and are read, with the NaN/Inf check,
+once per ``train.log_every`` steps (and before every checkpoint). A NaN/Inf stops the run at that read, naming the
+first bad iteration and loss term; no checkpoint is written from a diverged state.
 
 Exit codes: 0 done, 2 bad input (config, data, checkpoint, run dir in use, storage), 3 diverged (NaN/Inf),
 130 / 143 stopped by SIGINT / SIGTERM after saving.
@@ -29,18 +34,22 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from . import dist
 from .config import (PRESETS, Config, ConfigError, absolute_paths, load_config, per_rank_batch,
                      save_config, valid_keys)
-from .checkpoint_io import first_nonfinite
-from .data import build_labeled_dataset, build_pair_dataset, build_val_dataset
+from .checkpoint_io import CheckpointError, first_nonfinite
+from .data import build_labeled_dataset, build_pair_dataset, build_val_dataset, make_train_loader
+from .data.errors import DatasetError, with_readme
 from .data.splits import record_splits, split_lists
+from .data.synthetic import make_command, make_synthetic_for
 from .data.validate import check_split_lists, run_split_lists
-from .engine import (build_optimizer, first_bad_term, make_checkpoint, rng_state, save_checkpoint, set_lr,
-                     set_rng_state, train_step)
-from .model import TrainingForward, unwrap
+from .engine import build_optimizer, make_checkpoint, rng_state, save_checkpoint, set_lr, set_rng_state, train_step
+from . import evaluate as evaluation  # looked up at call time, so a test can stand in for it
 from .interrupts import GracefulStop, Interrupted
+from .loss import FeatureBank, negatives_note, negatives_per_crop
+from .model import TrainingForward, build_model, maybe_sync_bn, unwrap
 from .paths import RunDirLock, RunDirLocked, StorageError, atomic_write_text, remove_stale_temporaries
 from .runlog import MetricsLog, ScalarWriter, environment
 from .runs import config_diff, describe_diff, training_state
@@ -79,7 +88,12 @@ def train(cfg: "Config | str", overrides=None, *, force: bool = False, make_synt
 
 
 class Trainer:
-    """Holds one run's state. ``run()`` trains from the current iteration to the end (or ``train.max_iters``)."""
+    """One run's state. ``run()`` trains from the current iteration to the end (or ``train.max_iters``).
+
+    ``model`` is the module being trained: the bare model while the run is set up and resumed, wrapped for
+    training once ``run()`` starts (DDP over several ranks, ``torch.compile`` if configured); ``unwrap(model)``
+    is always the bare one.
+    """
 
     def __init__(self, cfg: Config, device: torch.device, *, force: bool = False, make_synthetic: bool = False,
                  stop: Optional[GracefulStop] = None):
@@ -88,21 +102,24 @@ class Trainer:
         self.stop = stop or GracefulStop()
         self.lock: Optional[RunDirLock] = None
         self.device = device
+        self.amp = cfg.train.amp and device.type == "cuda"  # bf16 autocast: no gradient scaler needed
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.main = dist.is_main()
+        self.is_main = dist.is_main()
         self.batch_l = per_rank_batch(cfg.train.batch_size, self.world, "train.batch_size")
         self.batch_u = per_rank_batch(cfg.train.batch_size_unsup, self.world, "train.batch_size_unsup")
         _check_batchnorm_batch(cfg, min(self.batch_l, self.batch_u), self.world, device)
-        if cfg.train.mode == "semi":
+        self.semi = cfg.train.mode == "semi"
+        if self.semi:
             _check_negatives(cfg, self.world)
         self.run_dir = Path(self.cfg.run_dir)
         self.iteration, self.best_miou, self.history = 0, -1.0, []
         self.total = cfg.train.epochs * cfg.train.iters_per_epoch
         self.end = min(self.total, cfg.train.max_iters) if cfg.train.max_iters else self.total
-        self.semi = cfg.train.mode == "semi"
-        self.unsup_start = cfg.loss.epoch_start_unsup * cfg.train.iters_per_epoch if self.semi else None
+        # CAC's loss joins after loss.epoch_start_unsup supervised warm-up epochs (never in the baseline)
+        self.cac_start = cfg.loss.epoch_start_unsup * cfg.train.iters_per_epoch if self.semi else None
         self.pending_val = False  # resumed from an epoch end whose validation had not run yet
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self.metrics = TrainMetrics(device)  # the steps since the last train log line
         try:
             self._lock_run_dir()
             self._build_data()
@@ -113,7 +130,7 @@ class Trainer:
             self.close()
             raise
         # after the resume, so steps logged past the checkpoint by a crashed run are purged, not duplicated
-        self.tb = ScalarWriter(self.run_dir, enabled=self.main and cfg.train.tensorboard, start=self.iteration)
+        self.tb = ScalarWriter(self.run_dir, enabled=self.is_main and cfg.train.tensorboard, start=self.iteration)
 
     def close(self) -> None:
         """Release the run dir lock (the kernel also drops it if the process dies)."""
@@ -134,7 +151,7 @@ class Trainer:
         rank0_decides(take)
 
     def _write_run_files(self) -> None:
-        if self.main:
+        if self.is_main:
             save_config(self.cfg, self.run_dir / "config.json")
             record_splits(self.splits, self.run_dir)
             atomic_write_text(self.run_dir / "env.json", json.dumps(environment(self.world), indent=2) + "\n")
@@ -160,43 +177,42 @@ class Trainer:
                 dataset.files.read(0)
 
     def _build_model(self) -> None:
-        from .loss import FeatureBank
-        from .model import build_model, maybe_sync_bn
-
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         model = build_model(cfg).to(self.device)
         if not self.semi:  # the projector is unused by the baseline: keep it out of DDP and the optimiser
             for p in model.projector.parameters():
                 p.requires_grad_(False)
-        model = maybe_sync_bn(model, cfg, self.world, self.device)
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg)
-        self.net = self._wrap(model, unsup_active=self.semi and self.unsup_start == 0)
+        self.model = maybe_sync_bn(model, cfg, self.world, self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.bank = FeatureBank(cfg.loss.step_save).to(self.device)
         torch.manual_seed(cfg.train.seed + 1 + self.rank)  # distinct dropout streams per rank
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 * self.rank + 17)
 
-    def _wrap(self, model, unsup_active: Optional[bool] = None):
-        net = TrainingForward(model)
+    def _cac_on(self) -> bool:
+        return self.semi and self.iteration >= self.cac_start
+
+    def _wrapped_for_training(self, cac_on: bool) -> torch.nn.Module:
+        """The bare model, wrapped in DDP (several ranks) and ``torch.compile`` (if configured).
+
+        The projector idles until CAC starts: DDP must look for unused parameters only while it does (searching
+        once all are used costs a graph traversal per step and a warning), so ``run()`` rewraps when CAC starts.
+        """
+        model = TrainingForward(unwrap(self.model))   # one forward call returns every training output
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            if unsup_active is None:
-                unsup_active = self.semi and self.iteration >= self.unsup_start
-            # The projector idles until epoch_start_unsup: DDP must look for unused parameters only while it does
-            # (searching once all are used costs a graph traversal per step and a warning). run() rewraps.
-            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
-                                                            find_unused_parameters=self.semi and not unsup_active)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                              find_unused_parameters=self.semi and not cac_on)
         if self.cfg.train.compile:
-            net = torch.compile(net)
-        return net
+            model = torch.compile(model)
+        return model
 
     def _maybe_resume(self) -> None:
         path = self.cfg.train.resume or (self.run_dir / "last.pt")
         if self.cfg.train.resume and not Path(path).exists():
             raise FileNotFoundError(f"--resume {path}: no such checkpoint")
         # rank 0 decides: ranks that disagree (a node without the shared run dir) would desync and hang
-        found = dist.broadcast_object(Path(path).exists() if self.main else None)
+        found = dist.broadcast_object(Path(path).exists() if self.is_main else None)
         if not found:
             return
         if not Path(path).exists():
@@ -224,7 +240,7 @@ class Trainer:
         self.pending_val = at_epoch_end and self._val_due() and not validated
         if self.iteration < self.end or self.pending_val:  # a complete run's log (and final line) stays as is
             self.log.truncate_after(self.iteration, drop_val_at_end=self.pending_val)
-        if self.main:
+        if self.is_main:
             print(f"[cacnb] resumed from {path} at iteration {self.iteration}/{self.end}", flush=True)
 
     # -- loop ----------------------------------------------------------------------------------------------------
@@ -236,75 +252,79 @@ class Trainer:
             self._finish()
             return self.run_dir
         if self.iteration >= self.end:
-            if self.main:
+            if self.is_main:
                 print(f"[cacnb] {self.run_dir} is already complete ({self.iteration} iterations)", flush=True)
             return self.run_dir
-        from tqdm.auto import tqdm
-
-        loader_l = self._loader(self.labeled, self.batch_l, self.cfg.train.seed, self.iteration)
-        loader_u = None
-        bar = tqdm(total=self.end, initial=self.iteration, disable=not self.main, desc=self.run_dir.name,
+        labeled_batches = self._loader(self.labeled, self.batch_l, self.cfg.train.seed, self.iteration)
+        pair_batches = None  # opened when CAC starts
+        bar = tqdm(total=self.end, initial=self.iteration, disable=not self.is_main, desc=self.run_dir.name,
                    dynamic_ncols=True, mininterval=float(os.environ.get("CACNB_TQDM_INTERVAL", 1.0)))
         if self.pending_val:
             self._maybe_validate()
-        window, tic = _Window(), time.perf_counter()
-        self.net.train()
+        self.model = self._wrapped_for_training(cac_on=self._cac_on())
+        self.model.train()
         while self.iteration < self.end:
-            use_unsup = self.semi and self.iteration >= self.unsup_start
-            if use_unsup and loader_u is None:
-                if self.world > 1 and self.unsup_start > 0:
-                    self.net = self._wrap(self.model, unsup_active=True)  # every parameter is used from now on
-                loader_u = self._loader(self.pairs, self.batch_u, self.cfg.train.seed + 1,
-                                        self.iteration - self.unsup_start)
-            result, lr, stop = self._step(next(loader_l), next(loader_u) if use_unsup else None)
-            window.add(result, self.batch_l + (2 * self.batch_u if use_unsup else 0))
+            self.metrics.clock.start()
+            cac_on = self._cac_on()
+            if cac_on and pair_batches is None:
+                if self.world > 1 and self.iteration == self.cac_start > 0:  # the projector joins DDP's work
+                    self.model = self._wrapped_for_training(cac_on=True)
+                pair_batches = self._loader(self.pairs, self.batch_u, self.cfg.train.seed + 1,
+                                            self.iteration - self.cac_start)
+            batch_l = next(labeled_batches)
+            batch_u = next(pair_batches) if cac_on else None
+            lr = set_lr(self.optimizer, self.iteration, self.total, self.cfg.optim.poly_power)  # poly schedule
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                # cross-entropy on the labeled crops; with CAC on, both crops of every pair are encoded too and
+                # the directional contrastive loss of their overlap joins
+                result = train_step(self.model, batch_l, batch_u, self.cfg, bank=self.bank, generator=self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            self.optimizer.step()  # SGD
+            self.metrics.add(self.iteration, result, images=self.batch_l + (2 * self.batch_u if cac_on else 0))
             self.iteration += 1
             bar.update(1)
-            if self.iteration % self.cfg.train.log_every == 0 or self.iteration == self.end:
-                record = self._log_train(window, lr, time.perf_counter() - tic)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-                window, tic = _Window(), time.perf_counter()
+            # One process reads its own stop flag after every step (no device involved). Ranks must stop after
+            # the same step, so they agree on it at log lines, in the all-reduce that carries the metrics.
+            stop = self.world == 1 and self.stop.requested
+            if stop or self.iteration % self.cfg.train.log_every == 0 or self.iteration == self.end:
+                stop = self._log_train(lr, bar)  # the interval's one host sync; raises on a NaN/Inf loss
+            self.metrics.clock.stop()  # checkpoints and validation below do not count towards images/s
             if stop and self.iteration < self.end:
-                if window.counts:  # the steps since the last log line, so the log covers every saved step
-                    self._log_train(window, lr, time.perf_counter() - tic)
                 bar.close()
                 self._stop_on_signal()
-            tic += self._end_of_iteration()
+            self._checkpoint_and_validate()
         bar.close()
         self._finish()
         return self.run_dir
 
     def _loader(self, dataset, batch: int, seed: int, iteration: int):
-        from .data import make_train_loader
-
         return iter(make_train_loader(dataset, batch, seed=seed, rank=self.rank, world_size=self.world,
                                       num_workers=self.cfg.data.num_workers, start=iteration * batch))
 
-    def _step(self, batch_l: dict, batch_u: Optional[dict]):
-        lr = set_lr(self.optimizer, self.iteration, self.total, self.cfg.optim.poly_power)
-        amp = self.cfg.train.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            result = train_step(self.net, batch_l, batch_u, self.cfg, bank=self.bank, generator=self.generator)
-        stop = self._check_finite(result)
-        self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        self.optimizer.step()
-        return result, lr, stop
+    def _log_train(self, lr: float, bar) -> bool:
+        """Write the train line of the steps since the last one, start the next interval, and return whether any
+        rank asked to stop. A NaN/Inf loss term in the interval stops the run instead (:class:`TrainingDiverged`,
+        naming the first bad iteration and term)."""
+        means, first_bad, stop = self.metrics.read(stop_requested=self.stop.requested)
+        self.metrics.clock.stop()
+        if first_bad is not None:
+            self._diverged(*first_bad)
+        seconds = max(self.metrics.clock.seconds, 1e-9)
+        record = {"kind": "train", "iter": self.iteration, "epoch": self._epoch(), "lr": lr, **means,
+                  "images_per_s": self.metrics.images * self.world / seconds}
+        self.log.write(record)
+        self.tb.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+        self.metrics = TrainMetrics(self.device)
+        return stop
 
-    def _check_finite(self, result) -> bool:
-        """Raise when any rank's loss is not finite; return whether any rank was asked to stop (a signal).
-
-        Both flags travel in one all-reduce: the step's only host sync besides logging."""
-        bad = first_bad_term(result)
-        flags = torch.tensor([1.0 if bad else 0.0, 1.0 if self.stop.requested else 0.0], device=self.device)
-        flag, stop = dist.all_reduce_sum(flags).tolist()
-        if flag > 0:
-            where = f"loss term {bad!r}" if bad else "another rank's loss"
-            last = self.run_dir / "last.pt"
-            kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(f"iteration {self.iteration}: {where} is not finite (NaN/Inf); training "
-                                   f"stopped and {kept}. Lower optim.lr or check the data.")
-        return stop > 0
+    def _diverged(self, iteration: int, term: Optional[str]) -> None:
+        where = f"loss term {term!r}" if term else "another rank's loss"
+        last = self.run_dir / "last.pt"
+        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(f"iteration {iteration}: {where} is not finite (NaN/Inf); training stopped and "
+                               f"{kept}. Lower optim.lr or check the data.")
 
     def _stop_on_signal(self) -> None:
         """Every rank agreed to stop after this step: save (rank 0 writes) and leave with the signal's code."""
@@ -313,20 +333,11 @@ class Trainer:
         raise Interrupted(f"stopped by a signal at iteration {self.iteration}/{self.end}; saved "
                           f"{self.run_dir / 'last.pt'}. Run the same command again to resume.", signum)
 
-    def _log_train(self, window: "_Window", lr: float, seconds: float) -> dict:
-        record = {"kind": "train", "iter": self.iteration, "epoch": self._epoch(), "lr": lr}
-        record.update(window.mean_over_ranks(self.device))
-        record["images_per_s"] = window.images * self.world / max(seconds, 1e-9)
-        self.log.write(record)
-        self.tb.write(record)
-        return record
-
     def _epoch(self) -> int:
         return (self.iteration - 1) // self.cfg.train.iters_per_epoch
 
-    def _end_of_iteration(self) -> float:
-        """Validate and checkpoint when due; return the seconds spent, which throughput must not count."""
-        tic = time.perf_counter()
+    def _checkpoint_and_validate(self) -> None:
+        """Checkpoint every epoch (and every ``ckpt_every`` iterations), validate when due."""
         ipe, every = self.cfg.train.iters_per_epoch, self.cfg.train.ckpt_every
         if self.iteration % ipe == 0:
             self._save("last.pt")  # first: a crash in validation must not cost the epoch (resume validates)
@@ -335,7 +346,6 @@ class Trainer:
                 self._save("last.pt")  # the finished run's checkpoint carries its last validation
         elif self.iteration == self.end or (every and self.iteration % every == 0):
             self._save("last.pt")  # a train.max_iters stop mid-epoch: checkpoint, validate at epoch ends only
-        return time.perf_counter() - tic
 
     def _val_due(self) -> bool:
         """Validation runs at the end of every ``val_every``-th epoch and of the schedule."""
@@ -347,38 +357,42 @@ class Trainer:
         epoch = self._epoch() + 1
         if not self._val_due():
             return
-        from .evaluate import evaluate
-
-        dist.broadcast_buffers(self.model)
-        result = evaluate(unwrap(self.net), self.val, self.cfg.data.num_classes, mode=self.cfg.train.eval_mode,
+        bare = unwrap(self.model)
+        dist.broadcast_buffers(bare)
+        result = evaluation.evaluate(bare, self.val, self.cfg.data.num_classes, mode=self.cfg.train.eval_mode,
                           crop_size=self.cfg.data.crop_size, ignore_index=self.cfg.data.ignore_index,
                           max_images=self.cfg.data.val_max_images, progress=False)
-        self.net.train()
+        self.model.train()
         record = {"kind": "val", "iter": self.iteration, "epoch": epoch - 1, "miou": result["miou"],
                   "iou": result["iou"], "pixel_acc": result["pixel_acc"]}
         self.log.write(record)
         self.tb.write({k: v for k, v in record.items() if k != "iou"})
         self.history.append({k: record[k] for k in ("iter", "epoch", "miou", "pixel_acc")})
-        if self.main:
+        if self.is_main:
             print(f"[cacnb] iteration {self.iteration}: val mIoU {100 * result['miou']:.2f}%", flush=True)
         if result["miou"] > self.best_miou:
             self.best_miou = result["miou"]
             self._save("best.pt")
 
     def _save(self, name: str) -> None:
+        """Checkpoint (rank 0 writes), never a diverged state: the losses since the last log line and the weights
+        are checked first (a host sync, as the write is anyway)."""
+        if len(self.metrics):
+            first_bad = self.metrics.first_nonfinite()
+            if first_bad is not None:
+                self._diverged(*first_bad)
         self._check_finite_weights()
         rngs = dist.all_gather_object(rng_state(self.generator))
-        if not self.main:
+        if not self.is_main:
             return
-        state = make_checkpoint(self.net, self.optimizer, self.cfg, bank=self.bank, scaler=None,
-                                epoch=self._epoch(), iteration=self.iteration, rngs=rngs, history=self.history,
-                                best_miou=self.best_miou)
+        state = make_checkpoint(self.model, self.optimizer, self.cfg, bank=self.bank, epoch=self._epoch(),
+                                iteration=self.iteration, rngs=rngs, history=self.history, best_miou=self.best_miou)
         save_checkpoint(state, self.run_dir / name)
 
     def _check_finite_weights(self) -> None:
         """A finite loss can still produce inf gradients or BatchNorm statistics; never let such weights or
         buffers overwrite the last checkpoint."""
-        bad = first_nonfinite(self.model.state_dict())
+        bad = first_nonfinite(unwrap(self.model).state_dict())
         if dist.all_reduce_sum(torch.tensor([float(bad is not None)], device=self.device)).item() > 0:
             what = f"tensor {bad!r}" if bad else "another rank's weights"
             raise TrainingDiverged(f"iteration {self.iteration}: {what} is no longer finite (NaN/Inf); "
@@ -386,36 +400,93 @@ class Trainer:
                                    f"the last good state. Lower optim.lr or check the data.")
 
     def _finish(self) -> None:
-        dist.broadcast_buffers(self.model)
-        sums = dist.all_gather_object(parameter_digest(self.model))
+        bare = unwrap(self.model)
+        dist.broadcast_buffers(bare)
+        sums = dist.all_gather_object(parameter_digest(bare))
         self.log.write({"kind": "final", "iter": self.iteration, "best_miou": self.best_miou,
                         "param_digests": sums, "ranks_in_sync": len(set(sums)) == 1})
         self.tb.close()
-        if self.main:
+        if self.is_main:
             print(f"[cacnb] done: {self.run_dir} (best val mIoU "
                   f"{100 * max(self.best_miou, 0):.2f}%)", flush=True)
 
 
-class _Window:
-    """Running sums of the loss terms and statistics between two log steps."""
+class Stopwatch:
+    """Seconds spent between ``start()`` and ``stop()``, summed over the calls (``stop()`` when stopped: no-op)."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        self.seconds = 0.0
+        self._since: Optional[float] = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+
+class TrainMetrics:
+    """The steps since the last train log line, kept on the device so that a step never waits for the host: sums
+    of every logged value, and per step which loss term was first NaN/Inf (if any). :meth:`read` fetches it all
+    with one all-reduce and one host read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.images = 0
+        self.clock = Stopwatch()  # time spent in these steps (their data loading included)
+        self.first_iteration: Optional[int] = None
+        self.bad_codes: list[torch.Tensor] = []     # per step: 1 + index of its first non-finite term, 0 if none
+        self.term_names: list[tuple[str, ...]] = []  # per step: the names those indices refer to
 
-    def add(self, result, images: int) -> None:
-        values = {"loss": float(result.loss.detach()), **{k: float(v) for k, v in result.terms.items()},
-                  **{k: float(v) for k, v in result.stats.items()}}
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
+    def __len__(self) -> int:
+        return len(self.bad_codes)
+
+    def _scalar(self, value: torch.Tensor) -> torch.Tensor:
+        return value.detach().reshape(()).to(self.device, torch.float64, non_blocking=True)
+
+    def add(self, iteration: int, result, images: int) -> None:
+        if self.first_iteration is None:
+            self.first_iteration = iteration
+        checked = result.checked_terms()
+        bad = ~torch.isfinite(torch.stack([self._scalar(v) for v in checked.values()]))
+        self.bad_codes.append(torch.where(bad.any(), bad.long().argmax() + 1, 0))  # argmax: the first True
+        self.term_names.append(tuple(checked))
+        for name, value in {**checked, **result.stats}.items():
+            value = self._scalar(value)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.images += images
 
-    def mean_over_ranks(self, device) -> dict[str, float]:
+    def read(self, stop_requested: bool) -> tuple[dict[str, float], Optional[tuple[int, Optional[str]]], bool]:
+        """``(means over steps and ranks, first non-finite (iteration, term) or None, whether any rank asked to
+        stop)``. Every rank must call it; the term is None when only another rank's loss went bad."""
         keys = sorted(self.sums)
-        local = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64, device=device)
-        return dict(zip(keys, dist.all_reduce_mean(local).tolist()))
+        means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        codes = torch.stack(self.bad_codes).to(torch.float64)
+        shared = dist.all_reduce_sum(torch.cat([means, (codes > 0).to(torch.float64),
+                                                means.new_full((1,), float(stop_requested))]))
+        values = torch.cat([shared, codes]).tolist()  # the one read
+        k, n = len(keys), len(codes)
+        world = dist.get_world_size()
+        mean_values = {key: value / world for key, value in zip(keys, values[:k])}
+        return mean_values, self._first_bad(values[k:k + n], values[k + n + 1:]), values[k + n] > 0
+
+    def first_nonfinite(self) -> Optional[tuple[int, Optional[str]]]:
+        """Only the NaN/Inf check of :meth:`read` (before a checkpoint). Every rank must call it."""
+        codes = torch.stack(self.bad_codes).to(torch.float64)
+        values = torch.cat([dist.all_reduce_sum((codes > 0).to(torch.float64)), codes]).tolist()
+        return self._first_bad(values[:len(codes)], values[len(codes):])
+
+    def _first_bad(self, any_rank: list, here: list) -> Optional[tuple[int, Optional[str]]]:
+        for step, (flag, code) in enumerate(zip(any_rank, here)):
+            if flag > 0:
+                term = self.term_names[step][int(code) - 1] if code > 0 else None
+                return self.first_iteration + step, term
+        return None
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -454,8 +525,6 @@ RESUME_FREE_KEYS = ("train.resume", "train.max_iters", "data.num_workers", "data
 def _check_same_run(saved: dict, cfg: Config, path, *, force: bool = False) -> None:
     """Refuse to resume a checkpoint of a different run (another mode, backbone, ...) in the same run dir, or
     one whose data, split or schedule changed (unless ``force``); report every other changed key."""
-    from .checkpoint_io import CheckpointError
-
     changes = config_diff(saved, cfg, skip=RESUME_FREE_KEYS)
     different = [k for k in DIFFERENT_RUN_KEYS if k in changes]
     if different:
@@ -477,8 +546,6 @@ def _check_same_run(saved: dict, cfg: Config, path, *, force: bool = False) -> N
 
 def _check_negatives(cfg: Config, world: int) -> None:
     """Fail at start-up, not when CAC switches on epochs later, if ``loss.neg_total`` cannot be split."""
-    from .loss import negatives_note, negatives_per_crop
-
     try:
         negatives_per_crop(cfg.loss, world)
     except ValueError as e:
@@ -493,9 +560,6 @@ def ensure_dataset(cfg: Config, make_synthetic: bool = False) -> None:
     ``make_synthetic``); elsewhere a missing set is an error, so a mistyped path never trains on fresh data."""
     if cfg.data.dataset != "synthetic":
         return
-    from .data.errors import DatasetError, with_readme
-    from .data.synthetic import make_command, make_synthetic_for
-
     root = Path(cfg.data.data_dir)
     if (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").exists():
         return
@@ -551,14 +615,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _user_errors() -> tuple:
-    from .checkpoint_io import CheckpointError
-    from .data.errors import DatasetError
-
-    return ConfigError, FileNotFoundError, DatasetError, CheckpointError, RunDirLocked, StorageError
-
-
-USER_ERRORS = _user_errors()
+USER_ERRORS = (ConfigError, FileNotFoundError, DatasetError, CheckpointError, RunDirLocked, StorageError)
 
 
 def report(kind: str, message: str) -> None:

@@ -95,8 +95,9 @@ def test_supervised_mode_trains_without_the_unlabeled_branch(tmp_path, synthetic
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("ckpt_every, kept_iteration", [(0, 3), (1, 4)])
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: found at a later read (a checkpoint or the last log line)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_data_dir, monkeypatch, ckpt_every,
-                                                           kept_iteration):
+                                                           kept_iteration, log_every):
     import cacnb.train as train_mod
 
     real = train_mod.train_step
@@ -112,7 +113,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_d
 
     monkeypatch.setattr(train_mod, "train_step", poisoned)
     with pytest.raises(train_mod.TrainingDiverged, match="iteration 4: loss term 'loss_sup'.*last good checkpoint"):
-        train_mod.train(tiny(tmp_path, synthetic_data_dir, **{"train.ckpt_every": ckpt_every}))
+        train_mod.train(tiny(tmp_path, synthetic_data_dir, **{"train.ckpt_every": ckpt_every,
+                                                              "train.log_every": log_every}))
     kept = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert kept["iteration"] == kept_iteration  # every epoch, or every ckpt_every iterations
 

@@ -137,10 +137,10 @@ CONTEXT_CLASSES: tuple[ObjectClass, ...] = (
     ObjectClass(1, "cross", (70, 200, 235), "smooth", radius=(0.1, 0.22)),        # aeroplane
     ObjectClass(2, "ring", (45, 75, 215), "checker", radius=(0.1, 0.22)),         # bicycle
     ObjectClass(3, radius=(0.05, 0.09), **_BLOB),                                  # bird: small blob
-    ObjectClass(4, region="water", **_VEHICLE),                                    # boat: vehicle on water
+    ObjectClass(4, region="water", **_VEHICLE),                                    # boat: only in water scenes
     ObjectClass(5, "capsule", (230, 90, 185), "vstripes", radius=(0.1, 0.22)),    # bottle
     ObjectClass(6, radius=(0.2, 0.3), **_BLOB),                                    # bus: large blob
-    ObjectClass(7, region="ground", **_VEHICLE),                                   # car: vehicle on ground
+    ObjectClass(7, region="ground", **_VEHICLE),                                   # car: only in ground scenes
 )
 # the ambiguous classes are drawn twice as often as the others
 _CONTEXT_WEIGHTS = np.array([1.0, 1.0, 2.0, 2.0, 1.0, 2.0, 2.0]) / 11.0

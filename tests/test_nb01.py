@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from cacnb.config import load_config
@@ -28,7 +29,6 @@ def test_notebook_is_clean():
 
 @pytest.mark.slow
 def test_notebook_runs_with_a_checkpoint(tmp_path, monkeypatch):
-    papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it; tiny convs on a shared CPU
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from conftest import save_model_checkpoint
@@ -34,7 +35,6 @@ def test_notebook_is_clean_and_parameterised():
 
 @pytest.mark.slow
 def test_notebook_runs_and_checks_the_fast_loss(tmp_path, synthetic_data_dir, monkeypatch):
-    papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from cacnb.config import load_config
     from cacnb.model import build_model

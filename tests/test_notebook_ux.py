@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import papermill
 import pytest
 import torch
 
@@ -77,7 +78,6 @@ def test_outside_a_kernel_check_parameters_is_a_no_op(monkeypatch):
 
 @pytest.mark.slow
 def test_papermill_run_with_a_typo_stops_naming_it(tmp_path):
-    papermill = pytest.importorskip("papermill")
     with pytest.raises(papermill.PapermillExecutionError) as err:
         papermill.execute_notebook(str(NOTEBOOKS / "01_model.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"configg": "synthetic", "flops": False}, kernel_name="python3",
@@ -96,8 +96,6 @@ def test_every_notebook_checks_its_parameters_first():
 
 
 def test_overrides_are_a_dict_wherever_a_notebook_takes_them():
-    import papermill
-
     for path in sorted(NOTEBOOKS.glob("0[0-5]_*.ipynb")):
         declared = papermill.inspect_notebook(str(path))
         if "overrides" in declared:
@@ -126,8 +124,6 @@ def test_resolve_interactive_keeps_an_explicit_choice(monkeypatch):
 
 
 def test_notebooks_default_to_interactive_none():
-    import papermill
-
     for name in ("02_loss_walkthrough", "05_visualization"):
         assert papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))["interactive"]["default"] == "None"
 
@@ -381,7 +377,6 @@ def test_tensorboard_is_off_by_default_and_mirrors_metrics(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_notebook_03_shows_the_workers_error(tmp_path):
-    papermill = pytest.importorskip("papermill")
     params = {"config": "voc_r50_1323", "data_dir": str(tmp_path / "missing_voc"), "out_dir": str(tmp_path),
               "overrides": {"model.pretrained": None}, "timeout": 120}
     with pytest.raises(papermill.PapermillExecutionError) as err:

@@ -233,7 +233,7 @@ def test_resume_drops_duplicate_metric_lines(tmp_path):
 
 # -- item 3: last.pt is written before validation --------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_a_crash_in_validation_keeps_the_epoch_and_the_resume_validates(tmp_path, synthetic_data_dir,
                                                                         monkeypatch):
     import cacnb.evaluate
@@ -275,7 +275,7 @@ def test_saving_refuses_inf_batchnorm_statistics(tmp_path):
         Trainer._check_finite_weights(fake)
 
 
-@pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_evaluation_refuses_non_finite_buffers_naming_the_tensor(tmp_path, synthetic_data_dir):
     from cacnb.model import build_model
     from cacnb.runs import load_run
@@ -394,7 +394,7 @@ def test_preflight_and_training_agree_on_symlink_loops_and_16bit_labels(tmp_path
 
 # -- item 8: fail fast ------------------------------------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_a_broken_first_val_image_fails_before_the_first_step(tmp_path, synthetic_voc, monkeypatch):
     import cacnb.train as train_mod
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import matplotlib
@@ -202,21 +201,14 @@ def test_describe_model_stamps_every_following_figure(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def pair_and_outputs(synthetic_data_dir, one_thread):
-    from cacnb.config import load_config
+def pair_and_outputs(trained_run, one_thread):
+    """A synthetic pair (no photometric noise) and the outputs of the session's trained model (conftest.py)."""
     from cacnb.data import build_pair_dataset
-    from cacnb.model import build_model
-    from cacnb.runs import pair_outputs
+    from cacnb.runs import load_run, pair_outputs
 
-    cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "data.n_labeled": 8,
-                                    "data.crop_size": 64, "data.base_size": 80, "data.photometric": False,
-                                    "model.proj_dim": 16})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
-    item = build_pair_dataset(cfg.data)[(0, 0)]
-    return item, pair_outputs(model, item)
+    run = load_run(trained_run, overrides={"data.photometric": False}, device="cpu")
+    item = build_pair_dataset(run.config.data)[(0, 0)]
+    return item, pair_outputs(run.model, item)
 
 
 def _all_text(fig) -> str:
@@ -268,19 +260,15 @@ def test_every_pair_figure_names_views_and_uses_one_overlap_colour(pair_and_outp
         plt.close(fig)
 
 
-def test_multi_line_plots_have_legends(pair_and_outputs, synthetic_data_dir):
+def test_multi_line_plots_have_legends(pair_and_outputs, trained_run):
     import matplotlib.pyplot as plt
 
     from cacnb.viz import loss_viz
-    from cacnb.config import load_config
-    from cacnb.model import build_model
+    from cacnb.runs import load_run
 
-    cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "model.proj_dim": 16,
-                                    "loss.selected_num": 32})
+    run = load_run(trained_run, overrides={"loss.selected_num": 32}, device="cpu")
+    cfg, model = run.config, run.model
     item, outputs = pair_and_outputs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model(cfg).eval()
     terms = loss_viz.pair_terms(model, item, cfg.loss, pos_thresh=0.3, seed=0)
     for fig in (loss_viz.plot_direction_rule(terms), loss_viz.plot_direction_rule(terms, 0.9)):
         ax = fig.axes[0]

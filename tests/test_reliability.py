@@ -159,6 +159,7 @@ def test_run_dir_lock_names_the_holder_and_dies_with_it(tmp_path):
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock
         holder.wait()
+        holder.stdout.close()
     with RunDirLock(tmp_path):
         pass
 
@@ -187,6 +188,7 @@ def _fake_checkpoint(path, cfg, **config_changes):
     return save_checkpoint(state, path)
 
 
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_refused_resume_leaves_config_and_env_alone(tmp_path, synthetic_data_dir):
     from cacnb.train import train
 
@@ -203,6 +205,7 @@ def test_refused_resume_leaves_config_and_env_alone(tmp_path, synthetic_data_dir
     assert not (run / ".last.pt.abcd.tmp").exists()  # the start removed the killed run's temporary
 
 
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_changed_split_is_refused_unless_forced(tmp_path, synthetic_data_dir, capsys):
     from cacnb.train import train
 

@@ -26,6 +26,51 @@ def synthetic_data_dir(synthetic_voc):
     return synthetic_voc.parent.parent
 
 
+# The one trained run of the session: ResNet-18 from random weights, 16-d projector, 64-pixel crops, 2 val images.
+# Three epochs of two iterations, stopped by max_iters after iteration 5: validations at 2 and 4 (best.pt is one of
+# them) and last.pt at 5, so best.pt and last.pt always hold different weights, as an unfinished run's do.
+TRAINED_RUN = {
+    "data.n_labeled": 8, "data.crop_size": 64, "data.base_size": 80, "data.num_workers": 0,
+    "data.val_max_images": 2, "model.backbone": "resnet18", "model.pretrained": None, "model.proj_dim": 16,
+    "loss.selected_num": 64, "loss.epoch_start_unsup": 0, "train.epochs": 3, "train.iters_per_epoch": 2,
+    "train.max_iters": 5, "train.batch_size": 2, "train.batch_size_unsup": 2, "train.log_every": 1,
+    "train.run_name": "run",
+}
+
+
+def _digests(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data_dir, tmp_path_factory):
+    """The run dir of one tiny training (see TRAINED_RUN), shared by the evaluation, visualisation, run-loading and
+    notebook tests. Read it, never change it: a test that must change it copies it first. The session fails at
+    the end if any file in it changed."""
+    import warnings
+
+    import torch
+
+    from cacnb.config import load_config
+    from cacnb.train import train
+
+    over = {**TRAINED_RUN, "data.data_dir": str(synthetic_data_dir),
+            "train.out_dir": str(tmp_path_factory.mktemp("trained"))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread below: about 10x faster than two threads on a loaded 2-core box
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "model.pretrained is None", UserWarning)
+            run = train(load_config("synthetic", over))
+    finally:
+        torch.set_num_threads(threads)
+    before = _digests(run)
+    yield run
+    assert _digests(run) == before, f"a test changed the shared run {run}; copy it before changing it"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny convolutions gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waits make

@@ -143,6 +143,7 @@ def test_full_mode_labels_every_training_image(synthetic_data_dir):
     assert len(build_labeled_dataset(cfg.data)) == len(labeled) == 8
 
 
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_full_mode_trainer_trains_on_every_image_without_the_projector(synthetic_data_dir, tmp_path, one_thread):
     from cacnb.train import Trainer
 

@@ -20,7 +20,7 @@ def _model(backbone="resnet18", num_classes=21, seed=0):
     torch.manual_seed(seed)
     cfg = load_config("synthetic", {"model.backbone": backbone, "data.num_classes": num_classes})
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", "model.pretrained is None", UserWarning)
         return build_model(cfg)
 
 

@@ -14,8 +14,6 @@ import torch.nn as nn
 
 from cacnb.evaluate import (evaluate, predict, predict_slide, predict_whole, shard_indices, _window_starts)
 
-from conftest import save_model_checkpoint
-
 K = 5
 
 
@@ -158,22 +156,10 @@ def test_two_process_gloo_evaluation_equals_one_process(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(synthetic_data_dir, tmp_path_factory):
-    """(config JSON, checkpoint) for the synthetic fixture data: ResNet-18, 16-d projector, random weights."""
-    import warnings
-
-    from cacnb.config import load_config, save_config
-    from cacnb.model import build_model
-
-    root = tmp_path_factory.mktemp("eval_cli")
-    cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "data.n_labeled": 8,
-                                    "model.proj_dim": 16})
-    save_config(cfg, root / "config.json")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model(cfg)
-    save_model_checkpoint(model, root / "best.pt", cfg)
-    return root / "config.json", root / "best.pt"
+def tiny_checkpoint(trained_run):
+    """(config JSON, checkpoint) of the session's trained run on the synthetic fixture data: ResNet-18, 16-d
+    projector (conftest.py)."""
+    return trained_run / "config.json", trained_run / "best.pt"
 
 
 def test_cli_prints_a_table_and_writes_json(tiny_checkpoint, tmp_path, capsys):

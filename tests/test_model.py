@@ -17,7 +17,7 @@ def _model(backbone="resnet18", output_stride=16, num_classes=21, **overrides) -
     cfg = load_config("synthetic", {"model.backbone": backbone, "model.output_stride": output_stride,
                                     "data.num_classes": num_classes, **overrides})
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random init warning
+        warnings.filterwarnings("ignore", "model.pretrained is None", UserWarning)
         return build_model(cfg)
 
 

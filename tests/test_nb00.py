@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import papermill
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "00_data_setup.ipynb"
@@ -10,7 +11,6 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "00_data_setup.ip
 
 @pytest.mark.slow
 def test_notebook_00_executes(tmp_path):
-    papermill = pytest.importorskip("papermill")
     import nbformat
 
     source = nbformat.read(NOTEBOOK, as_version=4)

@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from cacnb.config import load_config
@@ -28,10 +29,9 @@ def test_notebook_is_clean():
 
 @pytest.mark.slow
 def test_notebook_runs_with_a_checkpoint(tmp_path, monkeypatch):
-    papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it; tiny convs on a shared CPU
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", "model.pretrained is None", UserWarning)
         model = build_model(load_config("synthetic"))
     ckpt = tmp_path / "ckpt.pt"
     save_model_checkpoint(model, ckpt)

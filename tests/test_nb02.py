@@ -1,13 +1,11 @@
 """notebooks/02_loss_walkthrough.ipynb executes headless under papermill on a real synthetic pair."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
-
-from conftest import save_model_checkpoint
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "02_loss_walkthrough.ipynb"
 TINY = {"data.n_labeled": 4, "data.crop_size": 64, "data.base_size": 80, "loss.selected_num": 128}
@@ -33,19 +31,11 @@ def test_notebook_is_clean_and_parameterised():
 
 
 @pytest.mark.slow
-def test_notebook_runs_and_checks_the_fast_loss(tmp_path, synthetic_data_dir, monkeypatch):
-    papermill = pytest.importorskip("papermill")
+def test_notebook_runs_and_checks_the_fast_loss(tmp_path, synthetic_data_dir, trained_run, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    from cacnb.config import load_config
-    from cacnb.model import build_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model(load_config("synthetic"))
-    ckpt = tmp_path / "ckpt.pt"
-    save_model_checkpoint(model, ckpt)
+    ckpt = trained_run / "best.pt"  # the session's trained run (conftest.py); its architecture wins over the preset
     out = tmp_path / "02_out.ipynb"
-    # gamma = 0.3: an untrained model is rarely confident, and the terms should not all be empty
+    # gamma = 0.3: a barely trained model is rarely confident, and the terms should not all be empty
     params = {"data_dir": str(synthetic_data_dir), "checkpoint": str(ckpt), "pair_index": 1, "pos_thresh": 0.3,
               "overrides": TINY}
     papermill.execute_notebook(str(NB), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path),

@@ -13,9 +13,12 @@ TINY = {"data.n_labeled": 8, "data.crop_size": 64, "data.base_size": 80, "data.n
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_notebook_03_trains_and_plots(tmp_path, synthetic_data_dir, nproc):
+def test_notebook_03_trains_and_plots(tmp_path, synthetic_data_dir, nproc, monkeypatch):
     import papermill
 
+    # the kernel and its workers inherit it: one thread per worker, as the sweep gives them (conftest.py's 2 threads
+    # per worker oversubscribe 2 cores and make tiny trainings several times slower)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     params = {"config": "synthetic", "data_dir": str(synthetic_data_dir), "nproc": nproc, "epochs": 1,
               "iters_per_epoch": 2, "out_dir": str(tmp_path / "runs"), "also_supervised": nproc == 1,
               "overrides": TINY, "timeout": 300}

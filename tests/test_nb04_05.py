@@ -1,38 +1,21 @@
-"""Notebooks 04 and 05 under papermill (tiny checkpoint, 1 val image), plus the viz geometry they rely on."""
+"""Notebooks 04 and 05 under papermill (the session's trained run, 1 val image), plus the viz geometry they rely on."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import save_model_checkpoint
-
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(synthetic_data_dir, tmp_path_factory):
-    """A config JSON for the synthetic fixture data, a CAC run dir with best.pt (random weights, small
-    projector), and a baseline run dir holding only metrics.jsonl."""
-    from cacnb.config import load_config, save_config
-    from cacnb.model import build_model
-
-    root = tmp_path_factory.mktemp("nb_runs")
-    cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "data.n_labeled": 8,
-                                    "model.proj_dim": 16})
-    save_config(cfg, root / "config.json")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        model = build_model(cfg)
-    (root / "semi").mkdir()
-    save_model_checkpoint(model, root / "semi" / "best.pt", cfg)
-    (root / "supervised").mkdir()
+def baseline_dir(tmp_path_factory):
+    """A baseline run dir holding only metrics.jsonl (the CAC run is the session's trained run, conftest.py)."""
+    root = tmp_path_factory.mktemp("supervised")
     iou = [0.5] + [None] * 20
-    (root / "supervised" / "metrics.jsonl").write_text(
+    (root / "metrics.jsonl").write_text(
         json.dumps({"kind": "train", "iter": 1, "loss": 1.0}) + "\n"
         + json.dumps({"kind": "val", "iter": 2, "epoch": 0, "miou": 0.5, "iou": iou, "pixel_acc": 0.9}) + "\n")
     return root
@@ -61,10 +44,10 @@ def _images(nb) -> int:
 
 
 @pytest.mark.slow
-def test_notebook_04_executes(tiny_run, tmp_path):
+def test_notebook_04_executes(trained_run, baseline_dir, tmp_path):
     nb = _execute("04_evaluation.ipynb", tmp_path, {
-        "config": str(tiny_run / "config.json"), "run_dir": str(tiny_run / "semi"),
-        "baseline_dir": str(tiny_run / "supervised"), "max_images": 1})
+        "config": str(trained_run / "config.json"), "run_dir": str(trained_run),
+        "baseline_dir": str(baseline_dir), "max_images": 1})
     text = _text(nb)
     assert "mIoU" in text and "1 synthetic val images" in text
     assert "best val line" in text                       # baseline read back from metrics.jsonl
@@ -73,22 +56,22 @@ def test_notebook_04_executes(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_notebook_05_executes(tiny_run, tmp_path):
+def test_notebook_05_executes(trained_run, tmp_path):
     nb = _execute("05_visualization.ipynb", tmp_path, {
-        "config": str(tiny_run / "config.json"), "checkpoint": str(tiny_run / "semi" / "best.pt"),
+        "config": str(trained_run / "config.json"), "checkpoint": str(trained_run / "best.pt"),
         "n_gallery": 1, "interactive": False})
     text = _text(nb)
     assert "loaded" in text and "random" not in text.lower().split("loaded")[0]
     assert _images(nb) >= 5                              # pair, similarity, PCA, confidence, gallery
 
 
-def test_missing_checkpoint_falls_back_to_a_random_model(tiny_run):
+def test_missing_checkpoint_falls_back_to_a_random_model(trained_run, tmp_path):
     from cacnb.runs import load_run
 
-    run = load_run(tiny_run / "nope.pt", config=str(tiny_run / "config.json"), allow_random=True)
+    run = load_run(tmp_path / "nope.pt", config=str(trained_run / "config.json"), allow_random=True)
     assert run.checkpoint is None and not run.model.training and run.config.model.proj_dim == 16
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        load_run(tiny_run / "nope.pt", config=str(tiny_run / "config.json"))
+        load_run(tmp_path / "nope.pt", config=str(trained_run / "config.json"))
 
 
 @pytest.mark.parametrize("flip", [(False, False), (False, True), (True, False), (True, True)])
@@ -107,13 +90,13 @@ def test_viz_overlap_alignment_matches_the_loss(flip):
         torch.testing.assert_close(ours, ref)
 
 
-def test_counterpart_cell_shows_the_same_pixels(tiny_run):
+def test_counterpart_cell_shows_the_same_pixels(trained_run):
     from cacnb.config import load_config
     from cacnb.data import build_pair_dataset
     from cacnb.data.pairs import counterpart
     from cacnb.viz import default_queries
 
-    cfg = load_config(str(tiny_run / "config.json"), {"data.photometric": False})
+    cfg = load_config(str(trained_run / "config.json"), {"data.photometric": False})
     pairs = build_pair_dataset(cfg.data)
     for index in range(3):
         item = pairs[(index, 0)]
@@ -128,7 +111,7 @@ def test_counterpart_cell_shows_the_same_pixels(tiny_run):
             torch.testing.assert_close(a, b)
 
 
-def test_static_fallback_and_figures_without_a_kernel(tiny_run):
+def test_static_fallback_and_figures_without_a_kernel():
     import matplotlib
 
     matplotlib.use("Agg")

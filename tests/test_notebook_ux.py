@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 
+import papermill
 import pytest
 import torch
 
@@ -77,7 +77,6 @@ def test_outside_a_kernel_check_parameters_is_a_no_op(monkeypatch):
 
 @pytest.mark.slow
 def test_papermill_run_with_a_typo_stops_naming_it(tmp_path):
-    papermill = pytest.importorskip("papermill")
     with pytest.raises(papermill.PapermillExecutionError) as err:
         papermill.execute_notebook(str(NOTEBOOKS / "01_model.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"configg": "synthetic", "flops": False}, kernel_name="python3",
@@ -96,8 +95,6 @@ def test_every_notebook_checks_its_parameters_first():
 
 
 def test_overrides_are_a_dict_wherever_a_notebook_takes_them():
-    import papermill
-
     for path in sorted(NOTEBOOKS.glob("0[0-5]_*.ipynb")):
         declared = papermill.inspect_notebook(str(path))
         if "overrides" in declared:
@@ -126,8 +123,6 @@ def test_resolve_interactive_keeps_an_explicit_choice(monkeypatch):
 
 
 def test_notebooks_default_to_interactive_none():
-    import papermill
-
     for name in ("02_loss_walkthrough", "05_visualization"):
         assert papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))["interactive"]["default"] == "None"
 
@@ -206,21 +201,14 @@ def test_describe_model_stamps_every_following_figure(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def pair_and_outputs(synthetic_data_dir, one_thread):
-    from cacnb.config import load_config
+def pair_and_outputs(trained_run, one_thread):
+    """A synthetic pair (no photometric noise) and the outputs of the session's trained model (conftest.py)."""
     from cacnb.data import build_pair_dataset
-    from cacnb.model import build_model
-    from cacnb.runs import pair_outputs
+    from cacnb.runs import load_run, pair_outputs
 
-    cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "data.n_labeled": 8,
-                                    "data.crop_size": 64, "data.base_size": 80, "data.photometric": False,
-                                    "model.proj_dim": 16})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
-    item = build_pair_dataset(cfg.data)[(0, 0)]
-    return item, pair_outputs(model, item)
+    run = load_run(trained_run, overrides={"data.photometric": False}, device="cpu")
+    item = build_pair_dataset(run.config.data)[(0, 0)]
+    return item, pair_outputs(run.model, item)
 
 
 def _all_text(fig) -> str:
@@ -272,19 +260,15 @@ def test_every_pair_figure_names_views_and_uses_one_overlap_colour(pair_and_outp
         plt.close(fig)
 
 
-def test_multi_line_plots_have_legends(pair_and_outputs, synthetic_data_dir):
+def test_multi_line_plots_have_legends(pair_and_outputs, trained_run):
     import matplotlib.pyplot as plt
 
     from cacnb.viz import loss_viz
-    from cacnb.config import load_config
-    from cacnb.model import build_model
+    from cacnb.runs import load_run
 
-    cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "model.proj_dim": 16,
-                                    "loss.selected_num": 32})
+    run = load_run(trained_run, overrides={"loss.selected_num": 32}, device="cpu")
+    cfg, model = run.config, run.model
     item, outputs = pair_and_outputs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model(cfg).eval()
     terms = loss_viz.pair_terms(model, item, cfg.loss, pos_thresh=0.3, seed=0)
     for fig in (loss_viz.plot_direction_rule(terms), loss_viz.plot_direction_rule(terms, 0.9)):
         ax = fig.axes[0]
@@ -381,7 +365,6 @@ def test_tensorboard_is_off_by_default_and_mirrors_metrics(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_notebook_03_shows_the_workers_error(tmp_path):
-    papermill = pytest.importorskip("papermill")
     params = {"config": "voc_r50_1323", "data_dir": str(tmp_path / "missing_voc"), "out_dir": str(tmp_path),
               "overrides": {"model.pretrained": None}, "timeout": 120}
     with pytest.raises(papermill.PapermillExecutionError) as err:

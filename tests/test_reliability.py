@@ -159,6 +159,7 @@ def test_run_dir_lock_names_the_holder_and_dies_with_it(tmp_path):
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock
         holder.wait()
+        holder.stdout.close()
     with RunDirLock(tmp_path):
         pass
 
@@ -187,6 +188,7 @@ def _fake_checkpoint(path, cfg, **config_changes):
     return save_checkpoint(state, path)
 
 
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_refused_resume_leaves_config_and_env_alone(tmp_path, synthetic_data_dir):
     from cacnb.train import train
 
@@ -203,6 +205,7 @@ def test_refused_resume_leaves_config_and_env_alone(tmp_path, synthetic_data_dir
     assert not (run / ".last.pt.abcd.tmp").exists()  # the start removed the killed run's temporary
 
 
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_changed_split_is_refused_unless_forced(tmp_path, synthetic_data_dir, capsys):
     from cacnb.train import train
 
@@ -233,7 +236,7 @@ def test_resume_drops_duplicate_metric_lines(tmp_path):
 
 # -- item 3: last.pt is written before validation --------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_a_crash_in_validation_keeps_the_epoch_and_the_resume_validates(tmp_path, synthetic_data_dir,
                                                                         monkeypatch):
     import cacnb.evaluate
@@ -275,7 +278,7 @@ def test_saving_refuses_inf_batchnorm_statistics(tmp_path):
         Trainer._check_finite_weights(fake)
 
 
-@pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_evaluation_refuses_non_finite_buffers_naming_the_tensor(tmp_path, synthetic_data_dir):
     from cacnb.model import build_model
     from cacnb.runs import load_run
@@ -393,7 +396,7 @@ def test_preflight_and_training_agree_on_symlink_loops_and_16bit_labels(tmp_path
 
 # -- item 8: fail fast ------------------------------------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_a_broken_first_val_image_fails_before_the_first_step(tmp_path, synthetic_voc, monkeypatch):
     import cacnb.train as train_mod
 

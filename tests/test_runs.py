@@ -2,42 +2,25 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 
 import cacnb.runs as runs
 from cacnb.checkpoint_io import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, ours_to_official
-from cacnb.config import load_config, save_config
-from cacnb.model import build_model
+from cacnb.config import load_config
 from cacnb.runs import config_diff, describe_diff, load_run
-from conftest import save_model_checkpoint
-
-
-def _model(cfg, seed=0):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        return build_model(cfg)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run dir as training leaves it: config.json, metrics.jsonl, best.pt and last.pt (different weights)."""
-    root = tmp_path_factory.mktemp("run")
-    cfg = load_config("synthetic", {"model.proj_dim": 16, "train.epochs": 2, "train.iters_per_epoch": 5})
-    save_config(cfg, root / "config.json")
-    best, last = _model(cfg, 0), _model(cfg, 1)
-    for name, model in (("best.pt", best), ("last.pt", last)):
-        path = save_model_checkpoint(model, root / name, cfg)
-        state = torch.load(path, weights_only=True)
-        state.update(iteration=4, history=[{"iter": 4, "miou": 0.25}])
-        torch.save(state, path)
-    records = [{"kind": "train", "iter": 1, "loss": 2.0}, {"kind": "val", "iter": 5, "miou": 0.25},
-               {"kind": "val", "iter": 10, "miou": 0.5}]
-    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root, best.state_dict()
+def run_dir(trained_run):
+    """The session's trained run (conftest.py) as training left it: config.json, metrics.jsonl with validations
+    at iterations 2 and 4, best.pt from the better of them and last.pt at iteration 5 (different weights); with
+    best.pt's weights and iteration, and the best validation line, read here without load_run."""
+    best = torch.load(trained_run / "best.pt", weights_only=True)
+    lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    best_val = max((r for r in lines if r["kind"] == "val"), key=lambda r: r["miou"])
+    return trained_run, best["model"], best["iteration"], best_val
 
 
 class _Payload:
@@ -69,26 +52,28 @@ def reads(monkeypatch):
 
 
 def test_a_run_dir_opens_with_each_file_read_once(run_dir, reads):
-    root, best = run_dir
+    root, best, best_iter, best_val = run_dir
     run = load_run(root, device="cpu")
     assert reads == {"torch.load": 1, "config.json": 1, "metrics.jsonl": 1}
     assert run.checkpoint == root / "best.pt" and run.run_dir == root
     assert _same_weights(run.model, best) and not run.model.training
     assert run.config.model.proj_dim == 16 and run.config.model.pretrained is None
-    assert [r["iter"] for r in run.metrics] == [1, 5, 10] and run.best_val()["miou"] == 0.5
-    assert run.progress == (4, 10) and run.state["source"] == "cacnb" and "optimizer" not in run.state
+    assert [(r["kind"], r["iter"]) for r in run.metrics] == [
+        ("train", 1), ("train", 2), ("val", 2), ("train", 3), ("train", 4), ("val", 4), ("train", 5), ("final", 5)]
+    assert run.best_val() == best_val and best_val["iter"] == best_iter
+    assert run.progress == (best_iter, 6) and run.state["source"] == "cacnb" and "optimizer" not in run.state
 
 
 def test_a_checkpoint_path_opens_its_run(run_dir, reads):
-    root, best = run_dir
+    root, best, _, _ = run_dir
     run = load_run(root / "last.pt", device="cpu")
     assert reads["torch.load"] == 1
-    assert run.checkpoint == root / "last.pt" and run.run_dir == root and len(run.metrics) == 3
-    assert not _same_weights(run.model, best)
+    assert run.checkpoint == root / "last.pt" and run.run_dir == root and len(run.metrics) == 8
+    assert not _same_weights(run.model, best) and run.progress == (5, 6)
 
 
 def test_a_lone_checkpoint_uses_its_saved_config(run_dir, tmp_path, reads):
-    root, best = run_dir
+    root, best, _, _ = run_dir
     (tmp_path / "m.pt").write_bytes((root / "best.pt").read_bytes())
     run = load_run(tmp_path / "m.pt", device="cpu")
     assert reads["torch.load"] == 1
@@ -97,19 +82,20 @@ def test_a_lone_checkpoint_uses_its_saved_config(run_dir, tmp_path, reads):
 
 
 def test_the_architecture_comes_from_the_checkpoint(run_dir):
-    root, best = run_dir
-    run = load_run(root, config="synthetic", overrides={"data.n_labeled": 8}, device="cpu")  # preset: proj_dim 128
-    assert run.config.model.proj_dim == 16 and run.config.data.n_labeled == 8 and _same_weights(run.model, best)
+    root, best, _, _ = run_dir
+    # preset: proj_dim 128; the run: data.n_labeled 8
+    run = load_run(root, config="synthetic", overrides={"data.n_labeled": 6}, device="cpu")
+    assert run.config.model.proj_dim == 16 and run.config.data.n_labeled == 6 and _same_weights(run.model, best)
 
 
 def test_an_override_that_contradicts_the_checkpoint_is_refused(run_dir):
-    root, _ = run_dir
+    root = run_dir[0]
     with pytest.raises(CheckpointError, match="model.proj_dim is 16 in the checkpoint but 32 in the config"):
         load_run(root, overrides=["model.proj_dim=32"], device="cpu")
 
 
 def test_an_official_checkpoint_loads(run_dir, tmp_path):
-    root, best = run_dir
+    root, best, _, _ = run_dir
     cfg = load_config(root / "config.json")
     torch.save({"state_dict": {f"module.{k}": v for k, v in ours_to_official(best).items()}},
                tmp_path / "official.pth")
@@ -118,7 +104,7 @@ def test_an_official_checkpoint_loads(run_dir, tmp_path):
 
 
 def test_bad_checkpoints_raise_their_own_errors(run_dir, tmp_path):
-    root, _ = run_dir
+    root = run_dir[0]
     (tmp_path / "torn.pt").write_bytes((root / "best.pt").read_bytes()[:100])
     with pytest.raises(CorruptCheckpointError, match="corrupt or not a torch checkpoint"):
         load_run(tmp_path / "torn.pt", config=root / "config.json")

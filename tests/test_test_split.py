@@ -60,6 +60,7 @@ def test_missing_test_list_is_explained(synthetic_data_dir):
         eval_pairs(cfg.data, "train")
 
 
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_evaluate_api_and_cli_on_test(held_out_dir, tmp_path, capsys, one_thread):
     cfg = load_config("synthetic", [f"data.data_dir={held_out_dir}", "data.n_labeled=6"])
     torch.manual_seed(0)

@@ -20,18 +20,15 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+import torchvision
 
-from . import style
+from . import __version__, style
 from .config import ConfigError
 from .paths import atomic_write_text, storage_error
 
 
 def environment(world_size: int) -> dict:
     """Versions, git commit, devices and world size, for ``env.json``."""
-    import torchvision
-
-    from . import __version__
-
     devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                if torch.cuda.is_available() else [f"cpu ({os.cpu_count()} cores)"])
     return {
@@ -177,7 +174,7 @@ def best_val(run_dir: "str | os.PathLike") -> Optional[dict]:
 def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", figsize=(15, 3.8)):
     """Losses, lr, fraction of positives kept, and validation mIoU of one or several runs, side by side, all on
     whole training iterations (each validation sits at the iteration that ended its epoch)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy, as everywhere in cacnb: importing cacnb must not load matplotlib
     from matplotlib.ticker import MaxNLocator
 
     if not isinstance(run_dirs, dict):

@@ -315,7 +315,7 @@ def test_evaluate_leads_with_the_unsafe_pickle_refusal(tmp_path, synthetic_data_
 def _voc_copy(synthetic_voc, tmp_path) -> Path:
     """A private copy of the synthetic VOC tree (returns the folder holding VOCdevkit)."""
     data_dir = tmp_path / "data"
-    shutil.copytree(synthetic_voc.parent.parent, data_dir, ignore=shutil.ignore_patterns("cacnb_splits"))
+    shutil.copytree(synthetic_voc.parent.parent, data_dir)
     return data_dir
 
 

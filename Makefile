@@ -29,9 +29,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-## make sweep: the study (3 seeds x supervised/semi/full, two runs side by side), papermill runs of notebook 03 into runs/sweep/
+## make sweep: the study (4 seeds x supervised/semi/full, two runs side by side), papermill runs of notebook 03 into runs/sweep/
 sweep: install
-	$(BIN)/python -m cacnb.sweep --config synthetic_context --modes supervised,semi,full --seeds 0,1,2 --jobs 2 \
+	$(BIN)/python -m cacnb.sweep --config synthetic_context --modes supervised,semi,full --seeds 0,1,2,3 --jobs 2 \
 	    --out runs/sweep
 
 ## make lab: JupyterLab on the notebooks without opening a browser (works as root); open the URL it prints,

@@ -48,7 +48,7 @@ DEMO_PARAMETERS = {
 # training (03, through the sweep) comes right after 01, so that 02 explains a trained model
 DEMO_ORDER = ["00_data_setup", "01_model", "03_training", "02_loss_walkthrough", "04_evaluation",
               "05_visualization", "06_results"]
-STUDY_COMMAND = "make sweep   # 3 seeds x supervised / semi / full, the full schedule, 95 % intervals"
+STUDY_COMMAND = "make sweep   # 4 seeds x supervised / semi / full, the full schedule, 95 % intervals"
 
 
 def _format(value, out: str):

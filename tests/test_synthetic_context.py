@@ -67,11 +67,30 @@ def test_boats_are_in_water_scenes_and_cars_in_ground_scenes_in_rendered_images(
     assert min(blue_boat) > 0 > max(blue_car)
 
 
+def _saturation(pixels: np.ndarray) -> np.ndarray:
+    """HSV saturation of [n, 3] RGB pixels."""
+    top = pixels.max(axis=1)
+    return (top - pixels.min(axis=1)) / np.maximum(top, 1.0)
+
+
+def test_scenes_are_near_grey_and_objects_saturated():
+    """Version 3: the scene's kind is in its texture, not its colour, so that the paper's hue and saturation
+    jitter cannot turn an object's colour into its scene's."""
+    scene, objects = [], []
+    for i in range(30):
+        image, label = synthetic.render_context_scene(np.random.default_rng([0, 11, i]))
+        pixels = image.reshape(-1, 3).astype(np.float32)                    # [h*w, 3]
+        scene.append(float(np.median(_saturation(pixels[label.reshape(-1) == 0]))))
+        objects.append(float(np.median(_saturation(pixels[~np.isin(label.reshape(-1), (0, 255))]))))
+    assert max(scene) < 0.25
+    assert np.median(objects) > 0.45 and min(objects) > max(scene)
+
+
 def test_the_context_style_carries_its_own_format_version(tmp_path):
     voc = make_synthetic_voc(tmp_path, 2, 1, style="context", size_range=SMALL, progress=False)
     meta = json.loads((voc / synthetic.META_NAME).read_text())
-    assert meta["format_version"] == STYLES["context"].version == 2
-    with pytest.warns(UserWarning, match="format_version=2 \\(requested 1\\)"):
+    assert meta["format_version"] == STYLES["context"].version == 3
+    with pytest.warns(UserWarning, match="format_version=3 \\(requested 1\\)"):
         meta["format_version"] = 1
         synthetic._warn_if_settings_differ(voc, meta)
 

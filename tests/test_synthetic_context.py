@@ -41,6 +41,14 @@ def test_look_alike_pairs_differ_only_in_context_or_size():
     assert len(looks) == len(others) + 2                       # every other class has a look of its own
 
 
+def test_classes_with_looks_of_their_own_are_textured_and_large():
+    """Version 3: grayscale (in the paper's augmentation) turns a flat-coloured object into something like the
+    flat clutter on the background, and a part one stride-8 feature cell wide is all boundary."""
+    others = [c for c in CONTEXT_CLASSES if c.index in (1, 2, 5)]
+    assert {c.texture for c in CONTEXT_CLASSES}.isdisjoint({"smooth"})
+    assert all(c.radius[0] >= 0.15 for c in others)
+
+
 def test_region_classes_occur_only_in_their_kind_of_scene():
     rng = np.random.default_rng(3)
     for water in (True, False):

@@ -389,8 +389,8 @@ def _scene_background(rng: np.random.Generator, h: int, w: int, water: bool) -> 
     (blotchy, a faint brown tint), with sensor noise.
 
     The scene is near-grey (saturation 0.08-0.2) and its kind is told by its texture. The objects are saturated,
-    so the paper's photometric augmentation (hue +-0.1, saturation x0.6-1.4) cannot make an object look like its
-    scene. In version 2 the scenes were coloured (water blue, ground brown, saturation up to 0.5), near the hues
+    so that under the paper's photometric augmentation (hue +-0.1, saturation x0.6-1.4) an object stays apart
+    from its scene by more than its hue. In version 2 the scenes were coloured (water blue, ground brown, saturation up to 0.5), near the hues
     of the cyan, blue and red classes, and CAC lowered the val IoU of the cyan and blue ones (data_README)."""
     yy, xx = _grid(h, w)
     if water:
@@ -446,7 +446,8 @@ class SceneStyle:
 STYLES: dict[str, SceneStyle] = {
     "objects": SceneStyle(render_scene, OBJECT_CLASSES, DEFAULT_SIZE_RANGE, 4),    # the quick demo set
     # the benchmark. Version 1 put boats and cars on two sides of a horizon; version 2 made the context
-    # scene-wide; version 3 makes the scenes near-grey (see _scene_background)
+    # scene-wide; version 3 makes the scenes near-grey (see _scene_background), the aeroplane spotted, and the
+    # aeroplane, bicycle and bottle larger (see CONTEXT_CLASSES)
     "context": SceneStyle(render_context_scene, CONTEXT_CLASSES, (96, 144), 5, version=3),
 }
 

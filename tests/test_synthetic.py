@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cacnb.data import synthetic
+from cacnb.data.synthetic import writer
 from cacnb.data.errors import DatasetError
 from cacnb.data.palette import VOC_CLASSES, voc_palette
 from cacnb.data.synthetic import DEFAULT_SIZE_RANGE, make_synthetic_voc
@@ -61,10 +62,10 @@ def test_labels_are_voc_palette_pngs_with_expected_values(synthetic_voc):
 def test_border_band_is_thin_and_follows_class_changes():
     label = np.zeros((20, 20), dtype=np.uint8)
     label[5:15, 5:15] = 3
-    band = synthetic._border_band(label, 2)
+    band = synthetic.border_band(label, 2)
     assert band[4, 10] and band[5, 10] and not band[3, 10] and not band[6, 10]   # 2 px across the edge
     assert not band[10, 10] and not band[0, 0]
-    assert synthetic._border_band(label, 4)[3, 10] and not synthetic._border_band(label, 4)[2, 10]
+    assert synthetic.border_band(label, 4)[3, 10] and not synthetic.border_band(label, 4)[2, 10]
 
 
 def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
@@ -92,8 +93,8 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interrupt")
         return real_save(*args, **kwargs)
 
-    real_save = synthetic._save_sample
-    monkeypatch.setattr(synthetic, "_save_sample", failing_save)
+    real_save = writer._save_sample
+    monkeypatch.setattr(writer, "_save_sample", failing_save)
     with pytest.raises(KeyboardInterrupt):
         make_synthetic_voc(tmp_path, 4, 2, size_range=SMALL, progress=False)
     assert list(tmp_path.iterdir()) == []                        # no VOCdevkit, no temporary folder
@@ -134,4 +135,4 @@ def test_cli_writes_then_skips(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 0
     assert (tmp_path / "syn" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").is_file()
     assert synthetic.main(args) == 0 and "skipping" in capsys.readouterr().out
-    assert synthetic.main([*args, "--num-train", "0"]) == 1 and "num_train" in capsys.readouterr().err
+    assert synthetic.main([*args, "--num-train", "0"]) == 2 and "num_train" in capsys.readouterr().err

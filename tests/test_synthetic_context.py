@@ -10,6 +10,7 @@ from PIL import Image
 
 from cacnb.config import SYNTHETIC_STYLES, load_config
 from cacnb.data import synthetic
+from cacnb.data.synthetic import context, writer
 from cacnb.data.synthetic import CONTEXT_CLASSES, STYLES, make_synthetic_for, make_synthetic_voc
 
 SMALL = (48, 72)
@@ -52,7 +53,7 @@ def test_classes_with_looks_of_their_own_are_textured_and_large():
 def test_region_classes_occur_only_in_their_kind_of_scene():
     rng = np.random.default_rng(3)
     for water in (True, False):
-        drawn = {synthetic._scene_class(rng, water).index for _ in range(400)}
+        drawn = {context.scene_class(rng, water).index for _ in range(400)}
         assert (4 in drawn, 7 in drawn) == (water, not water)      # boat only in water, car only on ground
         assert {3, 6} <= drawn                                      # the size pair occurs in both kinds
 
@@ -100,7 +101,7 @@ def test_the_context_style_carries_its_own_format_version(tmp_path):
     assert meta["format_version"] == STYLES["context"].version == 3
     with pytest.warns(UserWarning, match="format_version=3 \\(requested 1\\)"):
         meta["format_version"] = 1
-        synthetic._warn_if_settings_differ(voc, meta)
+        writer._warn_if_settings_differ(voc, meta)
 
 
 def test_three_disjoint_splits_of_the_requested_sizes(tmp_path):

@@ -46,7 +46,9 @@ OFFICIAL_PREFIXES: tuple[tuple[str, str], ...] = (
     ("project.0.", "projector.0."),
     ("project.2.", "projector.2."),
 )
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# the name of the backbones cacnb.pretrain builds for the synthetic benchmark (written in the torchvision format)
+SYNTHETIC_PRETRAINED_PREFIX = "synthetic_"  # DistributedDataParallel, torch.compile
 FORMAT = "cacnb-checkpoint"
 
 
@@ -100,6 +102,11 @@ def safe_load(path: "str | os.PathLike") -> Any:
         reason = str(e).split(". ")[0]
         raise CorruptCheckpointError(f"{path} is corrupt or not a torch checkpoint (the archive is incomplete, "
                                      f"e.g. a truncated copy: {reason})") from None
+    except OSError as e:  # the zip reader on some truncations ("Invalid argument"); a permission error stays
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise CorruptCheckpointError(f"{path} is corrupt or not a torch checkpoint (reading its archive failed: "
+                                     f"{e.strerror or e}; e.g. a truncated copy)") from None
 
 
 def _unpickling_error(path: Path, message: str) -> CheckpointError:
@@ -250,6 +257,11 @@ def load_imagenet_weights(model: nn.Module, path: "str | os.PathLike") -> None:
     ``model.backbone``; only ``fc.*`` is ignored, everything else must match."""
     path = Path(path)
     name = getattr(model, "backbone_name", "resnet50")
+    if not path.is_file() and path.name.startswith(SYNTHETIC_PRETRAINED_PREFIX):
+        raise FileNotFoundError(
+            f"the synthetic benchmark's pretrained {name} backbone is not at {path}. Build it with `make pretrain` "
+            f"(python -m cacnb.pretrain; about 10 minutes on 2 CPU cores; `make sweep` and `make demo` build "
+            f"theirs when missing), or set model.pretrained=null to train from random weights")
     if not path.is_file():
         url = IMAGENET_URLS.get(name, IMAGENET_URLS["resnet50"])
         raise FileNotFoundError(

@@ -8,7 +8,7 @@ ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 IP     ?= localhost
 PORT   ?= 8888
 
-.PHONY: install demo test lab data sweep clean-demo
+.PHONY: install demo test lab data sweep pretrain clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ SEEDS ?= 0,1,2,3
 sweep: install
 	$(BIN)/python -m cacnb.sweep --config synthetic_context --modes supervised,semi,full --seeds $(SEEDS) --jobs 2 \
 	    --out runs/sweep
+
+## make pretrain: the benchmark's pretrained backbone (this world's ImageNet, python -m cacnb.pretrain) at
+## pretrained/synthetic_resnet18.pth; kept when current. make sweep builds it when missing, make demo a short one
+pretrain: install
+	$(BIN)/python -m cacnb.pretrain
 
 ## make lab: JupyterLab on the notebooks without opening a browser (works as root); open the URL it prints,
 ## through an SSH tunnel on a remote machine: ssh -N -L 8888:localhost:8888 user@host

@@ -43,7 +43,7 @@ def _region_colour(rng: np.random.Generator, hue: tuple[float, float], sat: tupl
     return np.array([r, g, b], dtype=np.float32) * 255
 
 
-def _scene_background(rng: np.random.Generator, h: int, w: int, water: bool) -> np.ndarray:
+def scene_background(rng: np.random.Generator, h: int, w: int, water: bool) -> np.ndarray:
     """[h, w, 3] float background of one kind (class 0): water (horizontal ripples, a faint blue tint) or ground
     (blotchy, a faint brown tint), with sensor noise.
 
@@ -78,7 +78,7 @@ def render_context_scene(rng: np.random.Generator, size_range: tuple[int, int] =
     in ground scenes. Returns (image uint8 [H, W, 3], label uint8 [H, W])."""
     h, w = image_size(rng, size_range)
     water = bool(rng.random() < 0.5)
-    image = _scene_background(rng, h, w, water)
+    image = scene_background(rng, h, w, water)
     clutter(rng, image, int(rng.integers(0, 4)))
     label = np.zeros((h, w), dtype=np.uint8)
     for _ in range(int(rng.integers(2, max_objects + 1))):

@@ -26,7 +26,7 @@ OBJECT_CLASSES: tuple[ObjectClass, ...] = (
 )
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """[h, w, 3] float: two muted colours mixed by clouds, a gradient, or a wavy horizon, plus grain."""
     c1, c2 = muted_colour(rng), muted_colour(rng)
     kind = rng.integers(3)
@@ -61,7 +61,7 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = DEFAULT
                  max_objects: int = 4, border: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (image uint8 [H, W, 3], label uint8 [H, W] with 0, class indices and 255 borders)."""
     h, w = image_size(rng, size_range)
-    image = _background(rng, h, w)
+    image = background(rng, h, w)
     label = np.zeros((h, w), dtype=np.uint8)
     previous = None
     for _ in range(int(rng.integers(1, max_objects + 1))):

@@ -58,7 +58,7 @@ class SceneStyle:
 STYLES: dict[str, SceneStyle] = {
     "objects": SceneStyle(render_scene, OBJECT_CLASSES, DEFAULT_SIZE_RANGE, 4),    # the quick demo set
     # the benchmark. Version 1 put boats and cars on two sides of a horizon; version 2 made the context
-    # scene-wide; version 3 makes the scenes near-grey (see _scene_background), the aeroplane spotted, and the
+    # scene-wide; version 3 makes the scenes near-grey (see scene_background), the aeroplane spotted, and the
     # aeroplane, bicycle and bottle larger (see CONTEXT_CLASSES)
     "context": SceneStyle(render_context_scene, CONTEXT_CLASSES, (96, 144), 5, version=3),
 }

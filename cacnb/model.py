@@ -191,6 +191,13 @@ class CACModel(nn.Module):
         logits = self.classifier(self.encode(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From one encoder pass: the evaluation logits ``[B,K,H,W]`` (as :meth:`forward`) and the stride-8 pooled
+        decoder features ``[B,256,h8,w8]``, the projector's input (:mod:`cacnb.consistency`)."""
+        decoder = self.encode(x)
+        logits = F.interpolate(self.classifier(decoder), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return logits, F.avg_pool2d(decoder, kernel_size=2, stride=2)
+
     def training_outputs(self, x_l: Optional[torch.Tensor] = None, x_u1: Optional[torch.Tensor] = None,
                          x_u2: Optional[torch.Tensor] = None) -> dict:
         """Everything one CAC training step needs: ``sup_logits`` of the labeled batch at stride 4 (None without

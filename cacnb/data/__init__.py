@@ -4,6 +4,8 @@
 * ``build_pair_dataset(cfg)``: overlapping crop pairs of the unlabeled images (CAC)
 * ``build_val_dataset(cfg)``: whole validation images
 * ``build_eval_dataset(cfg, split)``: whole images of ``val`` or (where the dataset has one) ``test``
+* ``build_eval_pair_dataset(cfg, split)``: crop pairs of those images, photometric augmentation off (the
+  consistency metrics of :mod:`cacnb.consistency`)
 * ``make_train_loader(dataset, batch_size, seed=, rank=, world_size=, num_workers=, start=)``: endless loader
 
 Split lists come from :mod:`cacnb.data.splits` (computed in memory: building a dataset never writes into the
@@ -22,6 +24,7 @@ from .transforms import MEAN, STD, denormalize
 from .voc import LabeledDataset, SegFiles
 
 __all__ = ["build_labeled_dataset", "build_pair_dataset", "build_val_dataset", "build_eval_dataset",
+           "build_eval_pair_dataset",
            "make_train_loader",
            "InfiniteSampler", "PairDataset", "LabeledDataset", "SegFiles", "CityscapesFiles",
            "sample_pair_windows", "MEAN", "STD", "denormalize"]
@@ -64,6 +67,16 @@ def build_eval_dataset(data_cfg, split: str = "val") -> LabeledDataset:
         return build_val_dataset(cfg)
     files = _files_type(cfg)(dataset_root(cfg), eval_pairs(cfg, split)[0])
     return LabeledDataset(files, train=False, ignore_index=cfg.ignore_index)
+
+
+def build_eval_pair_dataset(data_cfg, split: str = "test") -> PairDataset:
+    """Crop pairs of the ``split`` images as the pair sampler draws them in training (same crop, scale range,
+    stride, IoU bound and context rule), with photometric augmentation off, so that the two crops of a pair
+    hold identical pixels in their overlap."""
+    cfg = data_config(data_cfg)
+    return PairDataset(_files(cfg, eval_pairs(cfg, split)[0]), crop_size=cfg.crop_size, base_size=cfg.base_size,
+                       scale_range=cfg.pair_scale_range, stride=cfg.stride, iou_bound=cfg.iou_bound,
+                       photometric=False, ignore_index=cfg.ignore_index, context=cfg.context)
 
 
 def _files(cfg, pairs: Sequence[Pair]) -> SegFiles:

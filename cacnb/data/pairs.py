@@ -81,6 +81,52 @@ def overlap_cells(box: Sequence[int], flipped: bool, grid_w: int,
     return torch.arange(top, bottom), cols
 
 
+def cell_labels(label: torch.Tensor, num_classes: int, stride: int = 8, ignore_index: int = 255,
+                min_share: float = 0.5) -> torch.Tensor:
+    """The ground-truth class of every stride-``stride`` cell of ``label`` ``[B, H, W]`` (H, W multiples of the
+    stride): ``[B, H/stride, W/stride]`` long, the class holding more than ``min_share`` of the cell's pixels, else
+    ``ignore_index`` (mixed cells, borders, padding). The one rule that puts a label on a feature cell: the
+    consistency metrics and the training diagnostics both use it. Runs on ``label``'s device, reading nothing,
+    in memory linear in the pixels (a per-cell histogram, not a one-hot map)."""
+    b, height, width = label.shape
+    h, w = height // stride, width // stride
+    cls = torch.where((label >= 0) & (label < num_classes), label, torch.full_like(label, num_classes))
+    rows = torch.arange(height, device=label.device) // stride                      # [H]
+    cols = torch.arange(width, device=label.device) // stride                       # [W]
+    cell = (torch.arange(b, device=label.device)[:, None, None] * h + rows[None, :, None]) * w + cols  # [B, H, W]
+    bins = num_classes + 1                                                           # the ignore label's bin last
+    hist = torch.bincount((cell * bins + cls).reshape(-1), minlength=b * h * w * bins).view(b * h * w, bins)
+    best, winner = hist[:, :num_classes].max(dim=1)                                 # [B*h*w]
+    clear = best > min_share * stride * stride
+    return torch.where(clear, winner, torch.full_like(winner, ignore_index)).view(b, h, w)
+
+
+def overlap_cell_classes(item, num_classes: int, stride: int = 8, ignore_index: int = 255) -> torch.Tensor:
+    """The ground-truth classes (:func:`cell_labels`) of crop a's overlap cells in a :class:`PairDataset` item,
+    ``[rows, cols]`` in crop a's map as given."""
+    label = item["label"][:1]                                                      # [1, S, S] crop a as given
+    classes = cell_labels(label, num_classes, stride, ignore_index)[0]             # [S/stride, S/stride]
+    rows, cols = overlap_cells(item["overlap"][0].tolist(), bool(item["flip"][0]), classes.shape[1], stride)
+    return classes[rows][:, cols]
+
+
+def pair_showing_objects(pairs, num_classes: int, start: int = 0, min_object_cells: int = 4,
+                         limit: int = 200, ignore_index: int = 255) -> tuple[int, dict]:
+    """The first index from ``start`` (cycling, at most ``limit`` tries) whose pair ``(index, 0)`` holds at least
+    ``min_object_cells`` overlap cells of a foreground class and some background: ``(index, item)``. For the
+    figures, which say little on a pair that is all background; falls back to ``start``'s pair."""
+    first = None
+    for k in range(min(limit, len(pairs))):
+        index = (start + k) % len(pairs)
+        item = pairs[(index, 0)]
+        first = first or (index, item)
+        classes = overlap_cell_classes(item, num_classes, pairs.stride, ignore_index)
+        objects = int(((classes != 0) & (classes != ignore_index)).sum())
+        if objects >= min_object_cells and bool((classes == 0).any()):
+            return index, item
+    return first
+
+
 def displayed_box(box: Sequence[int], flipped: bool, width: int) -> Box:
     """An overlap box in a crop's unflipped pixels -> on the crop as given (mirrored when ``flipped``)."""
     top, left, bottom, right = (int(v) for v in box)

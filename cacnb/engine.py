@@ -97,7 +97,8 @@ def train_step(model, batch_l: dict, batch_u: Optional[dict], cfg: Config, *, ba
     loss_sup = supervised_loss(out["sup_logits"], y_l, cfg.data.ignore_index)
     crop_a, crop_b = out["crops"]
     loss_unsup, stats = cac_unsup_loss(crop_a, crop_b, batch_u["overlap"], batch_u["flip"], bank, cfg.loss,
-                                       generator=generator, stride=cfg.data.stride)
+                                       generator=generator, stride=cfg.data.stride,
+                                       hidden_label=batch_u.get("label"), ignore_index=cfg.data.ignore_index)
     terms = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach()}
     return StepResult(loss_sup + loss_unsup, terms, stats)
 

@@ -19,7 +19,7 @@ from cacnb.contrastive import (  # noqa: F401  (re-exported: the public loss API
     directional_contrastive_loss,
     directional_contrastive_loss_reference,
 )
-from cacnb.data.pairs import overlap_cells
+from cacnb.data.pairs import cell_labels, overlap_cells
 
 __all__ = [
     "gather_overlap", "overlap_index", "sample_negatives", "negatives_total", "negatives_per_crop", "negatives_note",
@@ -250,24 +250,9 @@ def _negatives(crops, world_size, bank, loss_cfg, generator):
     return bank.push(feat, label)
 
 
-def _neg_kept_mean(anchor_label, weight, neg_label, num_classes, neg_filter=True):
-    """Mean over the anchors with ``weight`` 1 of the negatives the same-label filter keeps (all of them without
-    the filter; 0 when no anchor has weight 1), as a tensor: weighted, so no mask selects the anchors.
-
-    Weight only the anchors that enter the loss: the others would skew the statistic towards unlabelled areas.
-    """
-    weight = weight.float()
-    if neg_filter:
-        per_class = torch.zeros(num_classes, device=neg_label.device)
-        per_class.index_add_(0, neg_label, torch.ones_like(neg_label, dtype=per_class.dtype))
-        kept = len(neg_label) - per_class.to(anchor_label.device)[anchor_label]
-    else:
-        kept = torch.full_like(weight, float(len(neg_label)))
-    return (kept * weight).sum() / weight.sum().clamp(min=1.0)
-
-
 def cac_unsup_loss(crop_a: dict, crop_b: dict, overlap, flip, bank: FeatureBank, loss_cfg, *,
-                   generator: Optional[torch.Generator], stride: int = 8):
+                   generator: Optional[torch.Generator], stride: int = 8, hidden_label=None,
+                   ignore_index: int = 255):
     """``weight_unsup × (loss_a + loss_b)`` for a batch of pairs, and statistics to log (0-d tensors, never read
     here: the trainer reads them once per log line).
 
@@ -275,6 +260,10 @@ def cac_unsup_loss(crop_a: dict, crop_b: dict, overlap, flip, bank: FeatureBank,
     ``"logits"`` ``[B, K, h, w]``). Confidences and pseudo-labels come from the logits without gradient.
     Negatives are sampled from both crops, gathered across ranks and pushed to ``bank``. ``overlap`` and
     ``flip`` should be the loader's CPU tensors (see :func:`overlap_index`).
+
+    ``hidden_label`` ``[B, 2, S, S]``: the pairs' ground truth where the dataset has it (the synthetic sets label
+    every image). It only feeds the diagnostics of :func:`pseudo_label_stats`, computed apart from the loss and
+    without gradient: the loss never sees it.
     """
     proj_a, proj_b = crop_a["proj"], crop_b["proj"]
     num_classes = crop_a["logits"].shape[1]
@@ -299,8 +288,71 @@ def cac_unsup_loss(crop_a: dict, crop_b: dict, overlap, flip, bank: FeatureBank,
         "n_overlap": loss_a.new_full((), float(n)),
         "frac_pos_a": w_a.float().mean() if n else zero,
         "frac_pos_b": w_b.float().mean() if n else zero,
-        "neg_kept_mean": _neg_kept_mean(torch.cat([label_a, label_b]), torch.cat([w_a, w_b]), neg_label,
-                                        num_classes, loss_cfg.neg_filter),
         "n_neg": loss_a.new_full((), float(len(neg_label))),
+        **kept_negatives_by_class(torch.cat([label_a, label_b]), torch.cat([w_a, w_b]), neg_label, num_classes,
+                                  loss_cfg.neg_filter),
     }
+    # the mean over every anchor that enters the loss (0 when none does); weighting only those keeps the
+    # statistic from drifting towards positions the loss ignores
+    stats["neg_kept_mean"] = (stats["neg_kept_sum_by_class"].sum()
+                              / stats["anchors_by_class"].sum().clamp(min=1.0)).to(loss_a.dtype)
+    if hidden_label is not None:
+        true_maps = [cell_labels(hidden_label[:, k].to(proj_a.device, non_blocking=True), num_classes, stride,
+                                 ignore_index) for k in range(2)]
+        stats.update(pseudo_label_stats((label_a, label_b), (_take(true_maps[0], index_a),
+                                                             _take(true_maps[1], index_b)),
+                                        (w_a, w_b), ignore_index))
     return loss_cfg.weight_unsup * (loss_a + loss_b), stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diagnostics (logged, never part of the loss)
+
+# log keys whose ratio (numerator, denominator) is the logged statistic: the trainer sums both over its log
+# interval and writes the ratio under the first name, so steps with few positions weigh less
+RATIO_STATS = {
+    "pl_acc_overlap": ("pl_correct_overlap", "pl_counted_overlap"),
+    "pl_acc_selected": ("pl_correct_selected", "pl_counted_selected"),
+    "neg_kept_by_class": ("neg_kept_sum_by_class", "anchors_by_class"),
+}
+
+
+@torch.no_grad()
+def pseudo_label_stats(pseudo, truth, weights, ignore_index: int = 255) -> dict[str, torch.Tensor]:
+    """How right the pseudo-labels are, against hidden ground truth (a diagnostic; never used for training).
+
+    ``pseudo``, ``truth``, ``weights``: ``(crop a, crop b)`` tensors ``[n]`` at the ``n`` aligned overlap cells:
+    pseudo-labels, the cells' true classes (:func:`cacnb.data.pairs.cell_labels`; ``ignore_index`` where unclear)
+    and the directional weights (``w_a``: a is pulled towards b). Counts, summed by the trainer:
+
+    * ``pl_*_overlap``: the pseudo-labels of both crops at every overlap cell with a clear class;
+    * ``pl_*_selected``: at the positions the directional mask selects, the pseudo-label of the side the feature
+      is pulled towards (b's where ``w_a``, a's where ``w_b``): what the confident side teaches.
+    """
+    (label_a, label_b), (true_a, true_b), (w_a, w_b) = pseudo, truth, weights
+    known_a, known_b = true_a != ignore_index, true_b != ignore_index
+    right_a, right_b = (label_a == true_a) & known_a, (label_b == true_b) & known_b
+    pulled_to_b, pulled_to_a = w_a.bool() & known_b, w_b.bool() & known_a
+    count = lambda mask: mask.sum().to(torch.float64)  # noqa: E731
+    return {"pl_correct_overlap": count(right_a) + count(right_b),
+            "pl_counted_overlap": count(known_a) + count(known_b),
+            "pl_correct_selected": count(right_b & pulled_to_b) + count(right_a & pulled_to_a),
+            "pl_counted_selected": count(pulled_to_b) + count(pulled_to_a)}
+
+
+@torch.no_grad()
+def kept_negatives_by_class(anchor_label, weight, neg_label, num_classes: int,
+                            neg_filter: bool = True) -> dict[str, torch.Tensor]:
+    """Per pseudo-class of the anchors that enter the loss (``weight`` 1): the summed count of negatives the
+    same-label filter keeps for them, ``[K]``, and how many such anchors there are, ``[K]``. Their ratio is the
+    mean kept negatives per anchor of each class (:data:`RATIO_STATS`)."""
+    per_class = torch.zeros(num_classes, device=neg_label.device, dtype=torch.float64)
+    per_class.index_add_(0, neg_label, torch.ones_like(neg_label, dtype=torch.float64))
+    per_class = per_class.to(anchor_label.device)
+    kept = len(neg_label) - per_class[anchor_label] if neg_filter else torch.full_like(
+        anchor_label, len(neg_label), dtype=torch.float64)
+    selected = weight.to(torch.float64)
+    anchors = torch.zeros(num_classes, device=anchor_label.device, dtype=torch.float64)
+    anchors.index_add_(0, anchor_label, selected)
+    kept_sum = torch.zeros_like(anchors).index_add_(0, anchor_label, kept * selected)
+    return {"neg_kept_sum_by_class": kept_sum, "anchors_by_class": anchors}

@@ -166,27 +166,36 @@ def best_of(records: Iterable[dict]) -> Optional[dict]:
     return max(vals, key=lambda v: v["miou"]) if vals else None
 
 
+def last_iteration(records: Iterable[dict]) -> Optional[int]:
+    """The last iteration a run's records reach (its ``final`` line, else its last train line), or None."""
+    iters = [r["iter"] for r in records if r.get("kind", "train") in ("train", "final") and "iter" in r]
+    return max(iters) if iters else None
+
+
 def best_val(run_dir: "str | os.PathLike") -> Optional[dict]:
     """The validation record of a run dir's ``metrics.jsonl`` with the highest mIoU, or None."""
     return best_of(read_metrics(run_dir))
 
 
-def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", figsize=(15, 3.8)):
-    """Losses, lr, fraction of positives kept, and validation mIoU of one or several runs, side by side, all on
+def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", figsize=(18, 3.8)):
+    """Losses, lr, fraction of positives kept, validation mIoU and the pseudo-labels' accuracy against the hidden
+    labels (CAC runs on a labeled set; a diagnostic only) of one or several runs, side by side, all on
     whole training iterations (each validation sits at the iteration that ended its epoch)."""
     import matplotlib.pyplot as plt  # lazy, as everywhere in cacnb: importing cacnb must not load matplotlib
     from matplotlib.ticker import MaxNLocator
 
     if not isinstance(run_dirs, dict):
         run_dirs = {Path(run_dirs).name: run_dirs}
-    fig, axes = plt.subplots(1, 4, figsize=figsize, layout="constrained", sharex=True)
+    fig, axes = plt.subplots(1, 5, figsize=figsize, layout="constrained", sharex=True)
     for label, run_dir in run_dirs.items():
         kinds = split_kinds(read_metrics(run_dir))
         _plot_train(axes[:3], kinds.get("train", []), label)
+        _plot_pseudo_labels(axes[4], kinds.get("train", []), label)
         vals = kinds.get("val", [])
         if vals:
             axes[3].plot([int(v["iter"]) for v in vals], [100 * (v["miou"] or 0) for v in vals], "o-", label=label)
-    titles = ("loss terms", "learning rate (head)", "overlap positions pulled (%)", "val mIoU (%)")
+    titles = ("loss terms", "learning rate (head)", "overlap positions pulled (%)", "val mIoU (%)",
+              "pseudo-label accuracy (%)")
     axes[0].set_xlim(left=0)  # shared: every panel spans iteration 0 to the last one, so ticks stay whole numbers
     for ax, title in zip(axes, titles):
         ax.set_title(title)
@@ -194,6 +203,15 @@ def plot_curves(run_dirs: "dict[str, str | os.PathLike] | str | os.PathLike", fi
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         style.legend(ax, fontsize=7)
     return style.finish(fig)
+
+
+def _plot_pseudo_labels(ax, rows: list[dict], label: str) -> None:
+    """The diagnostic of :func:`cacnb.loss.pseudo_label_stats` (hidden labels; never used for training): the
+    pseudo-labels at the overlap, and at the positions the directional mask selects (the side pulled towards)."""
+    for key, line, what in (("pl_acc_overlap", "-", "overlap"), ("pl_acc_selected", "--", "selected")):
+        points = [(int(r["iter"]), 100 * r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), line, label=f"{label}: {what}")
 
 
 def _plot_train(axes, rows: list[dict], label: str) -> None:

@@ -48,7 +48,7 @@ from .data.validate import check_split_lists, run_split_lists
 from .engine import build_optimizer, make_checkpoint, rng_state, save_checkpoint, set_lr, set_rng_state, train_step
 from . import evaluate as evaluation  # looked up at call time, so a test can stand in for it
 from .interrupts import GracefulStop, Interrupted
-from .loss import FeatureBank, negatives_note, negatives_per_crop
+from .loss import RATIO_STATS, FeatureBank, negatives_note, negatives_per_crop
 from .model import TrainingForward, build_model, maybe_sync_bn, unwrap
 from .paths import RunDirLock, RunDirLocked, StorageError, atomic_write_text, remove_stale_temporaries
 from .runlog import MetricsLog, ScalarWriter, environment
@@ -448,6 +448,10 @@ class TrainMetrics:
     def _scalar(self, value: torch.Tensor) -> torch.Tensor:
         return value.detach().reshape(()).to(self.device, torch.float64, non_blocking=True)
 
+    def _value(self, value: torch.Tensor) -> torch.Tensor:
+        """A logged statistic: a scalar, or a vector such as a per-class count (kept as it is)."""
+        return value.detach().to(self.device, torch.float64, non_blocking=True)
+
     def add(self, iteration: int, result, images: int) -> None:
         if self.first_iteration is None:
             self.first_iteration = iteration
@@ -456,7 +460,7 @@ class TrainMetrics:
         self.bad_codes.append(torch.where(bad.any(), bad.long().argmax() + 1, 0))  # argmax: the first True
         self.term_names.append(tuple(checked))
         for name, value in {**checked, **result.stats}.items():
-            value = self._scalar(value)
+            value = self._scalar(value) if name in checked else self._value(value)
             self.sums[name] = self.sums[name] + value if name in self.sums else value
             self.counts[name] = self.counts.get(name, 0) + 1
         self.images += images
@@ -465,15 +469,20 @@ class TrainMetrics:
         """``(means over steps and ranks, first non-finite (iteration, term) or None, whether any rank asked to
         stop)``. Every rank must call it; the term is None when only another rank's loss went bad."""
         keys = sorted(self.sums)
-        means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        parts = [(self.sums[key] / self.counts[key]).reshape(-1) for key in keys]    # scalars and vectors, flat
+        means = torch.cat(parts)
         codes = torch.stack(self.bad_codes).to(torch.float64)
         shared = dist.all_reduce_sum(torch.cat([means, (codes > 0).to(torch.float64),
                                                 means.new_full((1,), float(stop_requested))]))
         values = torch.cat([shared, codes]).tolist()  # the one read
-        k, n = len(keys), len(codes)
+        k, n = len(means), len(codes)
         world = dist.get_world_size()
-        mean_values = {key: value / world for key, value in zip(keys, values[:k])}
-        return mean_values, self._first_bad(values[k:k + n], values[k + n + 1:]), values[k + n] > 0
+        mean_values, start = {}, 0
+        for key, part in zip(keys, parts):
+            chunk = [v / world for v in values[start:start + len(part)]]
+            mean_values[key] = chunk if self.sums[key].dim() else chunk[0]
+            start += len(part)
+        return with_ratios(mean_values), self._first_bad(values[k:k + n], values[k + n + 1:]), values[k + n] > 0
 
     def first_nonfinite(self) -> Optional[tuple[int, Optional[str]]]:
         """Only the NaN/Inf check of :meth:`read` (before a checkpoint). Every rank must call it."""
@@ -487,6 +496,22 @@ class TrainMetrics:
                 term = self.term_names[step][int(code) - 1] if code > 0 else None
                 return self.first_iteration + step, term
         return None
+
+
+def with_ratios(means: dict) -> dict:
+    """``means`` with each :data:`cacnb.loss.RATIO_STATS` entry replaced by its ratio (None where nothing was
+    counted; element-wise for per-class vectors). Means of sums over the same steps, so the ratio is the ratio of
+    the interval's sums. The denominators stay (the mean count per step); the numerators go."""
+    out = dict(means)
+    for name, (num, den) in RATIO_STATS.items():
+        if num not in out or den not in out:
+            continue
+        top, bottom = out.pop(num), out[den]
+        if isinstance(top, list):
+            out[name] = [a / b if b > 0 else None for a, b in zip(top, bottom)]
+        else:
+            out[name] = top / bottom if bottom > 0 else None
+    return out
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

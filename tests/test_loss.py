@@ -318,8 +318,10 @@ def test_cac_unsup_loss_composes_the_pieces():
     bank = FeatureBank(cfg.step_save)
     loss, stats = cac_unsup_loss(crop_a, crop_b, overlap, flip, bank, cfg, generator=torch.Generator().manual_seed(0))
     assert set(stats) >= {"loss_a", "loss_b", "n_overlap", "frac_pos_a", "frac_pos_b", "neg_kept_mean", "n_neg"}
-    # 0-d tensors, read by the trainer once per log line (no host sync in the step)
-    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in stats.values())
+    # tensors (0-d, or [K] per class), read by the trainer once per log line (no host sync in the step)
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in stats.values())
+    assert all(v.dim() == 0 for k, v in stats.items() if not k.endswith("_by_class"))
+    assert stats["anchors_by_class"].shape == stats["neg_kept_sum_by_class"].shape == (crop_a["logits"].shape[1],)
     assert stats["n_overlap"] == 6 * 6 + 7 * 7 and stats["n_neg"] == 100 and len(bank) == 1
     assert float(loss.detach()) == pytest.approx(0.5 * float(stats["loss_a"] + stats["loss_b"]), rel=1e-6)
     assert 0 < stats["neg_kept_mean"] < 100

@@ -290,11 +290,12 @@ def test_training_curves_use_whole_iterations_and_legends(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     rows = [{"kind": "train", "iter": i, "epoch": 0, "lr": 0.01 / i, "loss_sup": 1.0 / i, "loss_unsup": 0.5 / i,
-             "frac_pos_a": 0.1, "frac_pos_b": 0.2} for i in (1, 2, 3)]
+             "frac_pos_a": 0.1, "frac_pos_b": 0.2, "pl_acc_overlap": 0.6, "pl_acc_selected": 0.7} for i in (1, 2, 3)]
     rows.append({"kind": "val", "iter": 3, "epoch": 0, "miou": 0.4})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fig = plot_curves({"CAC": run})
     fig.canvas.draw()
+    assert fig.axes[4].get_title() == "pseudo-label accuracy (%)" and len(fig.axes[4].lines) == 2
     for ax in fig.axes:
         assert ax.get_xlabel() == "iteration" and ax.get_legend() is not None
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]

@@ -1,19 +1,14 @@
-"""Reading a sweep: intervals over seeds, paired differences, the results table, the figure, the README paste.
+"""Reading a sweep: intervals over seeds, paired differences, the results tables, the figure, the README paste.
 
 A sweep dir (written by :mod:`cacnb.sweep`) holds ``results.csv`` (one row per run), ``sweep.json`` (command,
 date, machine, wall time) and one run dir per run with its ``test.json`` (per-class IoU on the test split of the
-best-on-val checkpoint ``best.pt`` and of the final one ``last.pt``).
+best-on-val checkpoint ``best.pt`` and of the final one ``last.pt``, and the consistency metrics of
+:mod:`cacnb.consistency` for ``best.pt``).
 
-Statistics (the interval is a Student-t interval over seeds; no bootstrap):
-
-* a row's test mIoU over its ``n`` seeds: mean ``x̄``, sample std ``s`` (``n - 1`` in the denominator) and the
-  95 % interval ``x̄ ± t_{0.975, n-1} · s / √n``;
-* a comparison ``A − B`` is paired on the seed: ``d_k = A_k − B_k`` for every seed both rows finished, then the
-  same interval on the ``d_k``. Pairing removes what a seed shares between rows (split, init, data order).
-
-``t_quantile`` is computed here (scipy is not a dependency): the t CDF through the regularised incomplete beta
-function ``F(t) = 1 − I_{ν/(ν+t²)}(ν/2, 1/2) / 2`` for ``t > 0``, evaluated by its continued fraction, and
-inverted by bisection.
+The statistics live in :mod:`cacnb.stats` (scipy.stats): a Student-t interval over seeds per row, paired
+differences on the seed, and a bootstrap interval and a Wilcoxon signed-rank p beside each paired difference.
+Every metric gets the same treatment: test mIoU, and the consistency metrics (cross-context agreement, overlap
+mIoU, positive and other-class feature similarity and their margin).
 
 ``python -m cacnb.results SWEEP_DIR`` rewrites ``SWEEP_DIR/results.md``; ``--readme README.md`` also pastes it
 between the README's ``<!-- cacnb-results:begin -->`` and ``<!-- cacnb-results:end -->`` markers, so the
@@ -27,14 +22,22 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from .paths import atomic_write_text
+from .stats import LEVEL, Interval, fmt, mean_interval, paired_difference, second_opinion
 
+# the consistency metrics of best.pt on test (cacnb.consistency): agreement and overlap mIoU in percent,
+# similarities as cosines
+CONSISTENCY_COLUMNS = ("test_agreement", "test_overlap_miou", "test_pos_sim", "test_other_sim", "test_margin")
 RESULT_COLUMNS = ("run", "mode", "seed", "overrides", "val_miou", "test_miou", "test_miou_final", "best_iter",
-                  "train_seconds", "status", "log")
+                  "final_iter", *CONSISTENCY_COLUMNS, "train_seconds", "status", "log")
+NUMBER_COLUMNS = ("val_miou", "test_miou", "test_miou_final", *CONSISTENCY_COLUMNS, "train_seconds")
+# (column, heading, unit) of every metric a study reports per row and compares between rows
+METRICS = (("test_miou", "test mIoU", "%"), ("test_agreement", "cross-context agreement", "%"),
+           ("test_overlap_miou", "overlap mIoU", "%"), ("test_pos_sim", "positive similarity", "cos"),
+           ("test_other_sim", "other-class similarity", "cos"), ("test_margin", "margin", "cos"))
 ROW_ORDER = ("supervised", "semi", "full")
 README_BEGIN = "<!-- cacnb-results:begin -->"
 README_END = "<!-- cacnb-results:end -->"
@@ -45,112 +48,6 @@ def readme_markers(block: Optional[str] = None) -> tuple[str, str]:
     if block is None:
         return README_BEGIN, README_END
     return f"<!-- cacnb-results:{block}:begin -->", f"<!-- cacnb-results:{block}:end -->"
-LEVEL = 0.95
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Student t
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz evaluation)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),             # even step
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return h
-
-
-def regularized_beta(a: float, b: float, x: float) -> float:
-    """``I_x(a, b) = B(x; a, b) / B(a, b)`` for ``a, b > 0`` and ``0 <= x <= 1``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side; use symmetry on the other
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """``P(T <= t)`` for Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (e.g. ``t_quantile(0.975, 2) = 4.303``)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie in (0, 1), got {p}")
-    if df <= 0:
-        raise ValueError(f"df must be > 0, got {df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, 2.0 * hi
-    for _ in range(200):  # bisection: t_cdf is monotone
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Mean, sample std and the two-sided t interval of ``n`` values (``low``/``high`` NaN when ``n < 2``)."""
-    n: int
-    mean: float
-    std: float
-    low: float
-    high: float
-    level: float = LEVEL
-
-    @property
-    def half_width(self) -> float:
-        return (self.high - self.low) / 2.0
-
-    def excludes_zero(self) -> bool:
-        return self.n >= 2 and (self.low > 0 or self.high < 0)
-
-
-def mean_interval(values: Iterable[float], level: float = LEVEL) -> Interval:
-    """``x̄ ± t_{(1+level)/2, n-1} · s / √n`` over ``values`` (non-finite values are an error)."""
-    xs = [float(v) for v in values]
-    if any(not math.isfinite(v) for v in xs):
-        raise ValueError(f"the values must be finite, got {xs}")
-    n = len(xs)
-    if n == 0:
-        return Interval(0, math.nan, math.nan, math.nan, math.nan, level)
-    mean = sum(xs) / n
-    if n == 1:
-        return Interval(1, mean, math.nan, math.nan, math.nan, level)
-    std = math.sqrt(sum((v - mean) ** 2 for v in xs) / (n - 1))
-    half = t_quantile((1.0 + level) / 2.0, n - 1) * std / math.sqrt(n)
-    return Interval(n, mean, std, mean - half, mean + half, level)
-
-
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float],
-                      level: float = LEVEL) -> tuple[Interval, dict[int, float]]:
-    """The interval of ``a[s] − b[s]`` over the seeds ``s`` both have, and those per-seed differences."""
-    diffs = {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
-    return mean_interval(diffs.values(), level), diffs
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # a sweep's rows
@@ -169,10 +66,11 @@ def read_results(sweep_dir: "str | Path") -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        for key in ("val_miou", "test_miou", "test_miou_final", "train_seconds"):
+        for key in NUMBER_COLUMNS:
             row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
         row["seed"] = int(row["seed"])
-        row["best_iter"] = int(row["best_iter"]) if row.get("best_iter") not in (None, "") else None
+        for key in ("best_iter", "final_iter"):
+            row[key] = int(row[key]) if row.get(key) not in (None, "") else None
         row["label"] = row_label(row["mode"], row.get("overrides", ""))
     return rows
 
@@ -267,22 +165,33 @@ def _nanmean(values: Iterable[float]) -> float:
 # the table, the figure
 
 
-def _pct(v: float, signed: bool = False) -> str:
-    if not math.isfinite(v):
-        return "n/a"
-    return f"{v:+.2f}" if signed else f"{v:.2f}"
+def _digits(unit: str) -> int:
+    return 2 if unit == "%" else 3
 
 
-def _ci(interval: Interval, signed: bool = False) -> str:
+def _ci(interval: Interval, signed: bool = False, digits: int = 2) -> str:
     if interval.n < 2:
         return "n/a (1 seed)" if interval.n == 1 else "n/a"
-    return f"[{_pct(interval.low, signed)}, {_pct(interval.high, signed)}]"
+    return f"[{fmt(interval.low, signed, digits)}, {fmt(interval.high, signed, digits)}]"
 
 
-def _mean_std(interval: Interval) -> str:
+def _mean_std(interval: Interval, digits: int = 2) -> str:
     if interval.n == 0:
         return "n/a"
-    return _pct(interval.mean) + ("" if interval.n < 2 else f" ± {interval.std:.2f}")
+    return fmt(interval.mean, digits=digits) + ("" if interval.n < 2 else f" ± {interval.std:.{digits}f}")
+
+
+def _boot(second, digits: int) -> str:
+    if not math.isfinite(second.boot_low):
+        return "n/a"
+    return f"[{fmt(second.boot_low, True, digits)}, {fmt(second.boot_high, True, digits)}]"
+
+
+def best_is_last(rows: Sequence[Mapping]) -> tuple[int, int]:
+    """(runs whose best val checkpoint is their last iteration, finished runs that know both iterations)."""
+    known = [r for r in rows if r["status"] == "ok" and r.get("best_iter") is not None
+             and r.get("final_iter") is not None]
+    return sum(r["best_iter"] == r["final_iter"] for r in known), len(known)
 
 
 def summary_table_markdown(rows: Sequence[Mapping], level: float = LEVEL) -> str:
@@ -296,15 +205,44 @@ def summary_table_markdown(rows: Sequence[Mapping], level: float = LEVEL) -> str
     return "\n".join(lines)
 
 
-def comparison_table_markdown(rows: Sequence[Mapping], level: float = LEVEL) -> str:
-    """Markdown table of the paired differences (points of test mIoU), with per-seed values."""
+def comparison_table_markdown(rows: Sequence[Mapping], level: float = LEVEL, column: str = "test_miou",
+                              unit: str = "%") -> str:
+    """Markdown table of the paired differences of ``column`` (points, or cosine), with the t interval, the
+    bootstrap interval, the Wilcoxon p and the per-seed values."""
+    pct, digits = int(round(100 * level)), _digits(unit)
+    lines = [f"| comparison (paired on seed) | pairs | mean difference | {pct} % t CI | {pct} % bootstrap CI | "
+             f"Wilcoxon p | per seed |", "|---|---|---|---|---|---|---|"]
+    for name, interval, diffs in comparisons(rows, column, level):
+        second = second_opinion(diffs.values(), level)
+        per_seed = ", ".join(f"s{s}: {d:+.{digits}f}" for s, d in diffs.items()) or "n/a"
+        lines.append(f"| {name} | {interval.n} | {fmt(interval.mean, True, digits)} | "
+                     f"{_ci(interval, True, digits)} | {_boot(second, digits)} | {fmt(second.wilcoxon_p, digits=3)} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def consistency_table_markdown(rows: Sequence[Mapping], level: float = LEVEL) -> str:
+    """Markdown table: per row, mean ± std over seeds of every consistency metric (test, best.pt)."""
+    metrics = METRICS[1:]
+    lines = ["| row | seeds | " + " | ".join(f"{name} ({unit})" for _, name, unit in metrics) + " |",
+             "|---" * (len(metrics) + 2) + "|"]
+    for label in labels_in_order(rows):
+        cells = [mean_interval(by_seed(rows, label, column).values(), level) for column, _, _ in metrics]
+        lines.append(f"| {label} | {max(c.n for c in cells)} | "
+                     + " | ".join(_mean_std(c, _digits(unit)) for c, (_, _, unit) in zip(cells, metrics)) + " |")
+    return "\n".join(lines)
+
+
+def metric_differences_markdown(rows: Sequence[Mapping], level: float = LEVEL, a: str = "semi",
+                                b: str = "supervised") -> str:
+    """Markdown table: the paired difference ``a − b`` of every metric, with its t and bootstrap intervals."""
     pct = int(round(100 * level))
-    lines = [f"| comparison (paired on seed) | pairs | mean difference (points) | {pct} % CI | per seed |",
-             "|---|---|---|---|---|"]
-    for name, interval, diffs in comparisons(rows, level=level):
-        per_seed = ", ".join(f"s{s}: {d:+.2f}" for s, d in diffs.items()) or "n/a"
-        lines.append(f"| {name} | {interval.n} | {_pct(interval.mean, True)} | {_ci(interval, True)} | "
-                     f"{per_seed} |")
+    lines = [f"| metric ({a} − {b}, paired on seed) | pairs | mean difference | {pct} % t CI | "
+             f"{pct} % bootstrap CI | Wilcoxon p |", "|---|---|---|---|---|---|"]
+    for column, name, unit in METRICS:
+        interval, diffs = paired_difference(by_seed(rows, a, column), by_seed(rows, b, column), level)
+        second, digits = second_opinion(diffs.values(), level), _digits(unit)
+        lines.append(f"| {name} ({unit}) | {interval.n} | {fmt(interval.mean, True, digits)} | "
+                     f"{_ci(interval, True, digits)} | {_boot(second, digits)} | {fmt(second.wilcoxon_p, digits=3)} |")
     return "\n".join(lines)
 
 
@@ -315,7 +253,7 @@ def per_class_table_markdown(sweep_dir: "str | Path", rows: Sequence[Mapping]) -
     labels = list(means)
     lines = ["| class | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(_pct(100 * means[l][i]) for l in labels) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(100 * means[l][i]) for l in labels) + " |")
     return "\n".join(lines)
 
 
@@ -352,6 +290,15 @@ def read_sweep_info(sweep_dir: "str | Path") -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+CONSISTENCY_NOTE = (
+    "For every test image, 2 overlapping crop pairs from the training pair sampler (photometric augmentation off, "
+    "seeded per image): **agreement** is the share of labeled overlap pixels where the two crops' predictions "
+    "agree, **overlap mIoU** the mIoU of those predictions on the overlap; at the stride-8 overlap cells, "
+    "**positive similarity** is the cosine of the two crops' L2-normalised decoder features (the projector's "
+    "input) at the same cell, **other-class similarity** the mean cosine to the other crop's cells of another "
+    "ground-truth class, and **margin** their difference (`cacnb.consistency`).")
+
+
 def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
     """The whole ``results.md``: how it was made, the table, the paired differences, per-class IoU."""
     sweep_dir = Path(sweep_dir)
@@ -362,6 +309,7 @@ def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
     failed = [r["run"] for r in rows if r["status"] != "ok"]
     wall = info.get("wall_seconds")
     pct = int(round(100 * level))
+    last, known = best_is_last(rows)
     head = [
         f"**Study** `{info.get('config', '?')}`: {len(seeds)} seed(s) planned per row "
         f"({', '.join(map(str, seeds))}; the table's seeds column counts the finished ones); "
@@ -373,14 +321,20 @@ def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
         + (f"{wall / 60:.1f} min" if wall is not None else "?") + " (all invocations of this sweep)",
         f"- Machine: {machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPU cores, torch "
         f"{machine.get('torch', '?')}, device {machine.get('device', '?')}",
-        f"- Interval: {pct} % Student-t over seeds (mean ± t·s/√n); differences are paired on the seed. "
-        f"Test mIoU is measured on the test split with the best-on-val checkpoint (`best.pt`); \"final\" is "
-        f"the last checkpoint (`last.pt`). Val only selects; nothing is chosen on test.",
+        f"- Interval: {pct} % Student-t over seeds (mean ± t·s/√n); differences are paired on the seed, with a "
+        f"BCa bootstrap interval and an exact Wilcoxon signed-rank p beside them (scipy.stats; with 5 pairs the "
+        f"smallest possible Wilcoxon p is 0.0625). Every metric is measured on the test split with the "
+        f"best-on-val checkpoint (`best.pt`); \"final\" is the last checkpoint (`last.pt`). Val only selects; "
+        f"nothing is chosen on test.",
+        f"- Convergence: the best val checkpoint is the last iteration in {last} of {known} runs.",
     ]
     return "\n".join([
         "# Sweep results", "", "<!-- written by `python -m cacnb.results`; do not edit by hand -->", "",
         *head, "", "## Test mIoU per row", "", summary_table_markdown(rows, level), "",
-        "## Paired differences", "", comparison_table_markdown(rows, level), "",
+        "## Paired differences (test mIoU, points)", "", comparison_table_markdown(rows, level), "",
+        "## What CAC does to context: consistency on test (best.pt)", "", CONSISTENCY_NOTE, "",
+        consistency_table_markdown(rows, level), "",
+        "## Every metric, semi − supervised", "", metric_differences_markdown(rows, level), "",
         "## Per-class test IoU (%), mean over seeds (best.pt)", "", per_class_table_markdown(sweep_dir, rows), "",
     ])
 

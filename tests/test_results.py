@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from cacnb.results import (README_BEGIN, README_END, comparisons, main, mean_interval, paired_difference,
-                           paste_into_readme, per_class_iou, plot_seeds, read_results, results_markdown,
-                           row_summary, t_cdf, t_quantile, write_results_csv)
+from cacnb.results import (README_BEGIN, README_END, comparisons, main, paste_into_readme, per_class_iou,
+                           plot_seeds, read_results, results_markdown, row_summary, write_results_csv)
+from cacnb.stats import mean_interval, paired_difference, second_opinion, t_quantile
 
 
 def test_t_quantile_closed_forms_and_table():
@@ -21,7 +21,6 @@ def test_t_quantile_closed_forms_and_table():
         assert t_quantile(0.975, df) == pytest.approx(t, abs=2e-6)
     assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)      # the normal limit
     assert t_quantile(0.025, 4) == pytest.approx(-2.776445, abs=2e-6)
-    assert t_cdf(0.0, 7) == pytest.approx(0.5) and t_cdf(t_quantile(0.9, 7), 7) == pytest.approx(0.9, abs=1e-10)
     with pytest.raises(ValueError):
         t_quantile(1.0, 3)
 
@@ -49,6 +48,16 @@ def test_paired_difference_by_hand():
     assert not iv.excludes_zero()
 
 
+def test_second_opinions_by_hand():
+    # 5 positive differences: the exact two-sided Wilcoxon p is 2 / 2^5 = 0.0625, its floor at 5 pairs
+    second = second_opinion([1, 2, 3, 4, 5])
+    assert second.wilcoxon_p == pytest.approx(0.0625)
+    assert 1 <= second.boot_low < 3 < second.boot_high <= 5        # BCa around the mean, inside the data's range
+    assert second_opinion([1, 2, 3, 4, 5]) == second                  # a fixed resampling seed
+    assert math.isnan(second_opinion([1.0, 1.0, 1.0]).boot_low)       # no spread, no bootstrap
+    assert math.isnan(second_opinion([]).wilcoxon_p)
+
+
 def _rows():
     rows = []
     for mode, over, base in (("supervised", "", 50.0), ("semi", "", 52.0), ("full", "", 60.0),
@@ -56,8 +65,10 @@ def _rows():
         for seed, noise in enumerate((0.0, 1.0, -0.5)):
             rows.append({"run": f"{mode}{over}_s{seed}", "mode": mode, "seed": seed, "overrides": over,
                          "val_miou": base + noise + 1, "test_miou": base + noise + 0.1 * seed,
-                         "test_miou_final": base + noise - 1, "best_iter": 10, "train_seconds": 5.0,
-                         "status": "ok", "log": f"/x/{seed}.log"})
+                         "test_miou_final": base + noise - 1, "best_iter": 10, "final_iter": 10 if seed == 0 else 20,
+                         "test_agreement": base + 30 + noise, "test_overlap_miou": base - 5,
+                         "test_pos_sim": 0.5 + base / 1000, "test_other_sim": 0.2, "test_margin": 0.3 + base / 1000,
+                         "train_seconds": 5.0, "status": "ok", "log": f"/x/{seed}.log"})
     rows.append({"run": "semi_s3", "mode": "semi", "seed": 3, "overrides": "", "status": "failed",
                  "log": "/x/3.log"})
     return rows
@@ -107,7 +118,9 @@ def test_per_class_iou_averages_over_seeds(sweep_dir):
 def test_results_markdown_and_readme_paste(sweep_dir, tmp_path):
     text = results_markdown(sweep_dir)
     for needle in ("python -m cacnb.sweep --config x", "4 seed(s) planned", "| semi | 3 |", "Student-t",
-                   "2 CPU cores", "2.0 min", "| semi − supervised | 3 | +2.00 |", "not finished: semi_s3", "| bg |"):
+                   "2 CPU cores", "2.0 min", "| semi − supervised | 3 | +2.00 |", "not finished: semi_s3", "| bg |",
+                   "the last iteration in 4 of 12 runs", "| semi | 3 | 82.17 ± 0.76 |",
+                   "| cross-context agreement (%) | 3 | +2.00 |", "| margin (cos) | 3 | +0.002 |", "Wilcoxon"):
         assert needle in text, needle
     assert main([str(sweep_dir)]) == 0 and (sweep_dir / "results.md").read_text() == text
     readme = tmp_path / "README.md"

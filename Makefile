@@ -8,7 +8,7 @@ ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 IP     ?= localhost
 PORT   ?= 8888
 
-.PHONY: install demo test lab data sweep pretrain clean-demo
+.PHONY: install demo test lab data sweep pretrain clean-demo gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ pretrain: install
 ## through an SSH tunnel on a remote machine: ssh -N -L 8888:localhost:8888 user@host
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ip=$(IP) --port=$(PORT) $(ROOT_FLAG)
+
+## make gpu-check: the CUDA tests, step / loss benchmarks and NCCL run in one time-bounded command (about 8 minutes;
+## without CUDA: the CPU parts, under a minute), summary in runs/gpu_check/<time>/. It installs nothing: it uses
+## .venv when there is one, else $(PYTHON) as the machine has it (a GPU machine's own PyTorch)
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
 
 data: install
 	$(BIN)/python -m cacnb.data.synthetic --root data/synthetic

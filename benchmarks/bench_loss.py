@@ -2,6 +2,7 @@
 
     python benchmarks/bench_loss.py                      # CPU, plus CUDA when available
     python benchmarks/bench_loss.py --sizes 3200x25600 --repeats 3 --devices cpu
+    python benchmarks/bench_loss.py --devices cuda --json out.json   # also one JSON record per row
 
 Each (device, size, confidence scenario, variant) runs in a fresh subprocess, so the variants never share
 allocator state. Time is the median over ``--repeats`` runs of forward + backward, after one warm-up run. The
@@ -158,6 +159,7 @@ def main(argv=None):
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--devices", default="cpu,cuda", help="cuda is skipped when unavailable")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file (a list of records)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -173,12 +175,17 @@ def main(argv=None):
     print("| device | n | N | conf | plain ms | ours ms | speed-up | speed-up (CPU time) | plain peak MB | "
           "ours peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    records = []
     for device in devices:
         for size in args.sizes.split(","):
             n, big_n = (int(v) for v in size.lower().split("x"))
             for scenario in args.scenarios.split(","):
                 res = {v: spawn(device, n, big_n, scenario, v, args.repeats) for v in ("plain", "fast")}
                 print(_row(device, n, big_n, scenario, res["plain"], res["fast"]), flush=True)
+                records.append({"device": device, "n": n, "N": big_n, "scenario": scenario, **res})
+                if args.json:  # rewritten after every row, so a run cut short keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(records, f, indent=1)
 
 
 def _row(device, n, big_n, scenario, plain, fast):

@@ -2,13 +2,19 @@
 
     python benchmarks/bench_step.py                 # CUDA: the paper's VOC R-50 step; CPU: reduced sizes
     python benchmarks/bench_step.py --preset voc_r50_1323 --batch 8 --crop 320 --steps 20 --amp
+    python benchmarks/bench_step.py --compile --json out.json    # torch.compile, one JSON record per run
 
 Images/s counts every image the step encodes: B labeled crops + 2 x B unlabeled crops. Random inputs with a
 fixed half-size overlap box; the numbers measure compute, not data loading (see bench_data.py for that).
+``--amp``, ``--channels-last`` and ``--compile`` set the config keys the trainer reads (``train.amp``,
+``model.channels_last``, ``train.compile``) and apply them as it does: bf16 autocast around the step, NHWC
+weights and inputs, ``torch.compile`` of the step's forward. ``first_step_s`` is the first warm-up step, which
+holds the compilation.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 import warnings
@@ -29,18 +35,24 @@ def fake_batches(batch: int, crop: int, num_classes: int, device):
     overlap = torch.tensor([[0, 0, half, half], [crop - half, crop - half, crop, crop]]).expand(batch, 2, 4)
     batch_u = {"image": torch.randn(batch, 2, 3, crop, crop, generator=g), "overlap": overlap.clone(),
                "flip": torch.zeros(batch, 2, dtype=torch.bool)}
-    return ({k: v.to(device) for k, v in batch_l.items()}, {k: v.to(device) for k, v in batch_u.items()})
+    # the overlap boxes and flips stay on the host, as the loader gives them (train_step reads them there)
+    return ({k: v.to(device) for k, v in batch_l.items()},
+            {k: v.to(device) if k == "image" else v for k, v in batch_u.items()})
 
 
 def bench(preset: str, batch: int, crop: int, steps: int, warmup: int, amp: bool, channels_last: bool,
-          device: torch.device) -> dict:
-    over = {"model.pretrained": None, "data.crop_size": crop, "model.channels_last": channels_last}
+          device: torch.device, compile_model: bool = False) -> dict:
+    over = {"model.pretrained": None, "data.crop_size": crop, "model.channels_last": channels_last,
+            "train.amp": amp, "train.compile": compile_model}
     cfg = load_config(preset, over)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", "model.pretrained is None", UserWarning)
         model = build_model(cfg).to(device).train()
     optimizer = build_optimizer(model, cfg)
     net = TrainingForward(model)  # the training step's forward
+    if cfg.train.compile:
+        net = torch.compile(net)  # as the trainer does
+    use_amp = cfg.train.amp and device.type == "cuda"  # the trainer's rule: bf16 autocast on CUDA only
     bank = FeatureBank(cfg.loss.step_save).to(device)
     gen = torch.Generator().manual_seed(0)
     batch_l, batch_u = fake_batches(batch, crop, cfg.data.num_classes, device)
@@ -48,15 +60,18 @@ def bench(preset: str, batch: int, crop: int, steps: int, warmup: int, amp: bool
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             result = train_step(net, batch_l, batch_u, cfg, bank=bank, generator=gen)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         optimizer.step()
 
+    warmup_s = []
     for _ in range(warmup):
+        tic = time.perf_counter()
         step()
-    _sync(device)
+        _sync(device)
+        warmup_s.append(time.perf_counter() - tic)
     tic = time.perf_counter()
     for _ in range(steps):
         step()
@@ -65,7 +80,9 @@ def bench(preset: str, batch: int, crop: int, steps: int, warmup: int, amp: bool
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"preset": preset, "backbone": cfg.model.backbone, "batch": f"{batch}+{batch} pairs", "crop": crop,
+            "amp": use_amp, "channels_last": channels_last, "compile": compile_model,
             "ms_per_step": 1000 * seconds, "images_per_s": 3 * batch / seconds, "peak_mb": peak,
+            "first_step_s": warmup_s[0] if warmup_s else None, "steps": steps,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
@@ -83,6 +100,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step's forward (train.compile)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (a list of records)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -97,10 +116,15 @@ def main(argv=None):
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(f"{'preset':14s} {'backbone':9s} {'batch':12s} {'crop':>5s} {'ms/step':>9s} {'img/s':>7s} "
           f"{'peak MB':>8s}")
+    results = []
     for preset, batch, crop in runs:
-        r = bench(preset, batch, crop, steps, args.warmup, args.amp, args.channels_last, device)
+        r = bench(preset, batch, crop, steps, args.warmup, args.amp, args.channels_last, device, args.compile)
+        results.append(r)
         print(f"{r['preset']:14s} {r['backbone']:9s} {r['batch']:12s} {r['crop']:5d} {r['ms_per_step']:9.0f} "
-              f"{r['images_per_s']:7.2f} {r['peak_mb']:8.0f}")
+              f"{r['images_per_s']:7.2f} {r['peak_mb']:8.0f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     if not cuda:
         print("(CPU peak MB is the process's maximum resident set size, model and inputs included)")
 

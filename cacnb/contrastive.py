@@ -306,7 +306,9 @@ def _anchor_grads(anchors, accu, feat_a, n_a, n_b, temperature):
     total = accu.s + accu.positive_term(anchors)                         # [m], shifted by e^{-m}
     # Σ_j p_ij n_j = acc / total and 1 - p_pos = s / total (no cancellation when p_pos is close to 1)
     grad = (accu.acc - accu.s[:, None] * anchors.k) / (total[:, None] * temperature)   # [m, c]
-    weight = torch.where(anchors.is_b, 1.0 / max(n_b, 1), 1.0 / max(n_a, 1))
+    # 0-d tensors in the gradient's dtype: Python floats would make a default-dtype (fp32) weight, whose rounding of
+    # 1 / n (~6e-8) fp64 runs would carry; filled on the device, so no host-to-device copy either
+    weight = torch.where(anchors.is_b, grad.new_full((), 1.0 / max(n_b, 1)), grad.new_full((), 1.0 / max(n_a, 1)))
     grad = grad * weight[:, None]
     n = len(feat_a)
     units = grad.new_zeros((2 * n, feat_a.shape[1])).index_copy_(0, anchors.src, grad)   # [feat_a; feat_b] rows

@@ -1,14 +1,30 @@
 """Shared fixtures. The suite must stay fast on a 2-core CPU: tiny datasets, tiny models."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 # Keep each test process to the cores the machine has; torch's default thread pool oversubscribes under xdist
 # or torchrun children otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+# Per-test limits of pytest-timeout: `timeout` in pyproject.toml for every test (a hang fails that test, by
+# name, instead of stalling the suite), and this larger one for the multi-process and notebook tests marked slow.
+SLOW_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give tests marked ``slow`` the ``SLOW_TIMEOUT_S`` limit, unless a test sets its own ``timeout`` marker."""
+    for item in items:
+        if item.get_closest_marker("slow") and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +60,7 @@ def _digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.fixture(scope="session")
-def trained_run(synthetic_data_dir, tmp_path_factory):
-    """The run dir of one tiny training (see TRAINED_RUN), shared by the evaluation, visualisation, run-loading and
-    notebook tests. Read it, never change it: a test that must change it copies it first. The session fails at
-    the end if any file in it changed."""
+def _train_tiny_run(data_dir, out_dir):
     import warnings
 
     import torch
@@ -56,16 +68,51 @@ def trained_run(synthetic_data_dir, tmp_path_factory):
     from cacnb.config import load_config
     from cacnb.train import train
 
-    over = {**TRAINED_RUN, "data.data_dir": str(synthetic_data_dir),
-            "train.out_dir": str(tmp_path_factory.mktemp("trained"))}
+    over = {**TRAINED_RUN, "data.data_dir": str(data_dir), "train.out_dir": str(out_dir)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see one_thread below: about 10x faster than two threads on a loaded 2-core box
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "model.pretrained is None", UserWarning)
-            run = train(load_config("synthetic", over))
+            return train(load_config("synthetic", over))
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive lock on ``path`` (created if missing), held across processes until the block ends."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _shared_trained_run(synthetic_data_dir, tmp_path_factory):
+    """Under pytest-xdist: the one run of the whole test run, trained by the first worker that asks for it while
+    the others wait on a lock, in the folder all workers share (the parent of each worker's basetemp). Once per
+    run is cheaper than once per worker: see the measurement in benchmarks/RESULTS.md."""
+    shared = tmp_path_factory.getbasetemp().parent
+    record = shared / "trained_run.json"
+    with _file_lock(shared / "trained_run.lock"):
+        if not record.exists():
+            run = _train_tiny_run(synthetic_data_dir, shared / "trained_run")
+            record.write_text(json.dumps({"run": str(run)}))
+    return Path(json.loads(record.read_text())["run"])
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data_dir, tmp_path_factory):
+    """The run dir of one tiny training (see TRAINED_RUN), shared by the evaluation, visualisation, run-loading and
+    notebook tests: built once per test run, also under ``-n 2``. Read it, never change it: a test that must
+    change it copies it first. The session (each worker's, under xdist) fails at the end if any file in it
+    changed."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run = _shared_trained_run(synthetic_data_dir, tmp_path_factory)
+    else:
+        run = _train_tiny_run(synthetic_data_dir, tmp_path_factory.mktemp("trained"))
     before = _digests(run)
     yield run
     assert _digests(run) == before, f"a test changed the shared run {run}; copy it before changing it"

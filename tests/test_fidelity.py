@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from cacnb.config import ConfigError, load_config
 from cacnb.data import official
 from cacnb.data.preflight import check_dataset
 from cacnb.data.splits import split_lists
-from cacnb.loss import negatives_note, negatives_per_crop
+from cacnb.loss import directional_contrastive_loss, negatives_note, negatives_per_crop
 from cacnb.config.official import RULES, _leaves, import_official
 
 SHIPPED = Path(__file__).resolve().parents[1] / "cacnb" / "data" / "official_splits"
@@ -275,3 +277,82 @@ def test_training_start_prints_the_negatives_line_once(capsys):
     assert len(lines) == 1 and "4 GPUs x 16200 per crop" in lines[0] and "129600 negatives" in lines[0]
     _check_negatives(load_config("cityscapes_r50_372"), 4)
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loss's log-sum-exp: the official shift and its eps
+
+
+def _official_direction(q, k, conf_q, conf_k, label_q, neg, neg_label, eps, temperature=0.1, thresh=0.75,
+                        chunk=8000):
+    """One direction of the loss as the official code evaluates it (models/model.py, restated): the shift ``m_i``
+    is the largest of the positive and the *first chunk's* logits (filtered or not, and not detached); every
+    chunk is shifted by it; ``eps`` is added to the denominator and again inside the log."""
+    pos = (q * k.detach()).sum(1) / temperature                                    # [n]
+    logits = q @ neg.T / temperature                                               # [n, N]
+    kept = (neg_label[None, :] != label_q[:, None]).to(q.dtype)
+    shift = torch.cat([pos[:, None], logits[:, :chunk]], 1).amax(1)                # first chunk only
+    top = torch.exp(pos - shift)
+    denominator = top + (torch.exp(logits - shift[:, None]) * kept).sum(1)
+    per_anchor = -torch.log(top / (denominator + eps) + eps)
+    w = ((conf_k > thresh) & (conf_q < conf_k)).to(q.dtype)
+    return (per_anchor * w).sum() / (w.sum() + 1e-12)
+
+
+def _loss_and_projector_grad(kind, proj, views, eps=0.0):
+    """(loss_a + loss_b, gradient of the projector's parameters) in fp64, by cacnb or the official rule."""
+    x_a, x_b, x_neg, conf_a, conf_b, label_a, label_b, neg_label = views
+    proj.zero_grad()
+    feat_a, feat_b = F.normalize(proj(x_a), dim=1), F.normalize(proj(x_b), dim=1)
+    with torch.no_grad():
+        neg = F.normalize(proj(x_neg), dim=1)
+    if kind == "cacnb":
+        loss_a, loss_b = directional_contrastive_loss(feat_a, feat_b, conf_a, conf_b, label_a, label_b, neg,
+                                                      neg_label)
+    else:
+        loss_a = _official_direction(feat_a, feat_b, conf_a, conf_b, label_a, neg, neg_label, eps)
+        loss_b = _official_direction(feat_b, feat_a, conf_b, conf_a, label_b, neg, neg_label, eps)
+    loss = loss_a + loss_b
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in proj.parameters()])
+
+
+def _views(mix, n=512, big_n=12_800, c=128, seed=0):
+    """Projector inputs of ``n`` overlap positions in two crops (crop b's input correlates with crop a's by
+    ``mix``) and of ``big_n`` negatives (the paper's 2 x 6400 of one step on one GPU), isotropic; confidences
+    U(0, 1), pseudo-labels uniform over 21 classes."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.float64
+    x_a = torch.randn(n, c, generator=g, dtype=d)
+    x_b = mix * x_a + (1 - mix ** 2) ** 0.5 * torch.randn(n, c, generator=g, dtype=d)
+    x_neg = torch.randn(big_n, c, generator=g, dtype=d)
+    conf = [torch.rand(n, generator=g, dtype=d) for _ in range(2)]
+    labels = [torch.randint(21, (rows,), generator=g) for rows in (n, n, big_n)]
+    return x_a, x_b, x_neg, conf[0], conf[1], labels[0], labels[1], labels[2]
+
+
+@pytest.mark.parametrize("mix,loss_band,grad_band", [
+    (0.0, (3e-5, 1.2e-4), (6e-4, 2.5e-3)),   # positives no closer than negatives: loss ~10 per direction
+    (0.5, (2e-7, 2e-6), (2e-6, 2e-5)),       # positives at cosine ~0.5: loss ~5
+])
+def test_official_shift_is_exact_and_its_eps_is_the_difference(mix, loss_band, grad_band):
+    """At 12,800 negatives (fp64, so fp32 rounding hides nothing): the official first-chunk shift with eps = 0
+    equals cacnb's loss and projector gradients to ~1e-12, although for many anchors the largest logit lies
+    beyond the first chunk (unit features at T = 0.1 bound every shifted term by e^20: nothing overflows). The
+    official eps = 1e-8 is the one difference; its measured size is what FIDELITY.md states."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(128, 128).double()
+    views = _views(mix)
+    loss, grad = _loss_and_projector_grad("cacnb", proj, views)
+    loss0, grad0 = _loss_and_projector_grad("official", proj, views, eps=0.0)
+    loss_eps, grad_eps = _loss_and_projector_grad("official", proj, views, eps=1e-8)
+    with torch.no_grad():
+        feat_a, neg = F.normalize(proj(views[0]), dim=1), F.normalize(proj(views[2]), dim=1)
+        logits = feat_a @ neg.T / 0.1
+    assert (logits[:, 8000:].amax(1) > logits[:, :8000].amax(1)).float().mean() > 0.2  # max beyond chunk 1
+    torch.testing.assert_close(loss0, loss, rtol=1e-12, atol=0)
+    assert float((grad0 - grad).norm() / grad.norm()) < 1e-12
+    loss_change = float((loss - loss_eps) / loss)
+    grad_change = float((grad_eps - grad).norm() / grad.norm())
+    assert loss_band[0] < loss_change < loss_band[1], loss_change
+    assert grad_band[0] < grad_change < grad_band[1], grad_change

@@ -94,7 +94,7 @@ def counter(monkeypatch):
     return counter
 
 
-@pytest.mark.filterwarnings("ignore")
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")  # the tiny run's random weights
 def test_one_host_read_per_log_line(tmp_path, synthetic_data_dir, counter):
     from cacnb.train import train
 

@@ -79,6 +79,28 @@ def test_unnormalised_inputs_use_the_running_max(seed):
     assert_matches(fast, ref)
 
 
+@pytest.mark.parametrize("stabilizer", ["bound", "running"])
+def test_float64_inputs_match_the_formula_to_float64_precision(stabilizer):
+    """fp64 features give fp64 losses and gradients equal to the plain formula in fp64: no step of the kernel
+    (e.g. the per-anchor weight 1 / n, which fp32 rounds by up to ~6e-8; here n = 23 and 29) may pass through
+    fp32."""
+    inputs = make_inputs(120, 400, 16, 5, 7)
+    args = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+    w_a, w_b = direction_weights(args["conf_a"], args["conf_b"], 0.75)
+    # counts whose reciprocals fp32 cannot hold exactly, so an fp32 detour would show at ~1e-8
+    assert {int(w_a.sum()), int(w_b.sum())}.isdisjoint({0, 1, 2, 4, 8, 16, 32, 64})
+    results = []
+    for fn, options in ((directional_contrastive_loss, {"chunk_size": 64, "stabilizer": stabilizer}),
+                        (directional_contrastive_loss_reference, {})):
+        feats = {k: args[k].clone().requires_grad_(True) for k in ("feat_a", "feat_b")}
+        loss_a, loss_b = fn(**{**args, **feats}, **options)
+        (1.3 * loss_a + 0.7 * loss_b).backward()
+        results.append((loss_a.detach(), loss_b.detach(), feats["feat_a"].grad, feats["feat_b"].grad))
+    for got, want in zip(*results):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
 def test_bf16_option_is_close():
     inputs = make_inputs(64, 512, 32, 5, 0)
     fast, ref = fast_and_reference(inputs, precision="bf16", chunk_size=100)

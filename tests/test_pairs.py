@@ -66,10 +66,35 @@ def test_windows_fallback_when_bounds_unreachable():
     _check_windows(200, 300, 64, 8, (0.9, 0.95), win)
 
 
-def test_windows_small_image_is_padded_region_excluded():
+def _official_boxes(height, width, offset_a, offset_b, crop, stride):
+    """The official pair loader's overlap boxes (dataloaders/voc.py, restated): in each crop's coordinates the
+    windows' intersection, its bottom/right also capped at the image size rounded down to the stride."""
+    boxes = []
+    for (y, x), (y_other, x_other) in ((offset_a, offset_b), (offset_b, offset_a)):
+        dy, dx = y_other - y, x_other - x
+        boxes.append((max(0, dy), max(0, dx), min(crop, crop + dy, height // stride * stride),
+                      min(crop, crop + dx, width // stride * stride)))
+    return tuple(boxes)
+
+
+def test_overlap_boxes_equal_the_official_rule():
+    """For the same two windows cacnb's boxes are the official ones: both hold no padded pixels (the official cap
+    at ``h // 8 * 8`` only binds on an image smaller than the crop, where both windows sit at offset 0)."""
+    crop = 64
+    for size in range(STRIDE, 3 * crop):                   # images smaller, as large as and larger than the crop
+        span = max(size, crop) - crop
+        for u in range(span + 1):
+            for v in range(u % STRIDE, span + 1, STRIDE):  # offsets that differ by multiples of the stride
+                if abs(u - v) >= crop:
+                    continue                               # disjoint windows share nothing
+                windows = ((u, v), (v, u))                 # crop a at row u, column v; crop b the other way round
+                ours = overlap_boxes(size, size, *windows, crop, STRIDE)
+                assert ours == _official_boxes(size, size, *windows, crop, STRIDE), (size, windows)
+                for (y, x), (top, left, bottom, right) in zip(windows, ours):
+                    assert y + bottom <= size and x + right <= size  # no padded pixel inside
     win = sample_pair_windows(20, 45, 64, 8, (0.1, 1.0), generator=torch.Generator().manual_seed(0))
     assert win.offset_a == win.offset_b == (0, 0)  # nothing to slide on a padded canvas of exactly the crop
-    assert win.box_a == (0, 0, 16, 40)  # clipped to the image, rounded down to the stride
+    assert win.box_a == (0, 0, 16, 40) == _official_boxes(20, 45, (0, 0), (0, 0), 64, 8)[0]
 
 
 def test_overlap_boxes_rounding():

@@ -46,8 +46,10 @@ from .data.errors import DatasetError
 from .data.splits import eval_pairs, split_lists
 from .evaluate import evaluate_run, result_to_json
 from .paths import atomic_write_text, resolve
-from .results import write_results_csv, write_results_md
-from .runlog import best_val
+from .pretrain import ensure_pretrained
+from .consistency import measure_run
+from .results import RESULT_COLUMNS, write_results_csv, write_results_md
+from .runlog import best_of, last_iteration, read_metrics
 from .runs import load_run
 from .train import ensure_dataset
 
@@ -167,14 +169,16 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 
 def prepare_data(plan: Plan) -> None:
-    """Write the synthetic set once, before runs race to, and make sure its split lists and test split exist."""
+    """Write the synthetic set and build the synthetic pretrained backbone once, before runs race to (missing or
+    stale: :func:`cacnb.pretrain.ensure_pretrained`), and make sure the split lists and test split exist."""
     done = set()
     for spec in plan.runs:
         cfg = plan.run_config(spec)  # paths absolute (load_config), as the trainer sees them
-        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+        key = json.dumps([cfg.to_dict()["data"], cfg.model.pretrained], sort_keys=True)
         if key in done:
             continue
         done.add(key)
+        ensure_pretrained(cfg.model.pretrained)
         try:
             ensure_dataset(cfg)
             split_lists(cfg.data)
@@ -206,8 +210,16 @@ def finished_row(spec: RunSpec, run_dir: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return _row(spec, run_dir, "ok", **{k: saved.get(k) for k in ("val_miou", "test_miou", "test_miou_final",
-                                                                   "best_iter", "train_seconds")})
+    return _row(spec, run_dir, "ok", **{k: saved.get(k) for k in RESULT_COLUMNS if k in saved})
+
+
+def consistency_columns(consistency: Optional[dict]) -> dict:
+    """The ``results.csv`` columns of a :func:`cacnb.consistency.measure` result (percent for agreement and
+    overlap mIoU, cosines for the similarities)."""
+    c = consistency or {}
+    pct = lambda v: None if v is None else 100 * v  # noqa: E731
+    return {"test_agreement": pct(c.get("agreement")), "test_overlap_miou": pct(c.get("overlap_miou")),
+            "test_pos_sim": c.get("pos_sim"), "test_other_sim": c.get("other_sim"), "test_margin": c.get("margin")}
 
 
 class Runner:
@@ -284,26 +296,36 @@ class Runner:
                     self.procs.discard(proc)
 
     def _evaluate(self, spec: RunSpec, run_dir: Path, seconds: float) -> dict:
-        results = {}
+        """Test mIoU of best.pt and last.pt (evaluated once when they hold the same iteration) and the consistency
+        metrics of best.pt (:mod:`cacnb.consistency`); written to ``test.json``, which marks the run finished."""
+        if not (run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"{run_dir / 'last.pt'} is missing after training")
+        records = read_metrics(run_dir)
+        final_iter, best = last_iteration(records), best_of(records)
+        results, consistency = {"best": None, "final": None}, None
         for which, name in (("best", "best.pt"), ("final", "last.pt")):
             ckpt = run_dir / name
-            if not ckpt.is_file():
-                results[which] = None
+            if which == "final" and results["best"] is not None and best and best["iter"] == final_iter:
+                results["final"] = {**results["best"], "checkpoint": str(ckpt), "same_as": "best"}
                 continue
-            r = evaluate_run(load_run(ckpt, config=run_dir / "config.json"), split="test", progress=False)
+            if not ckpt.is_file():
+                continue
+            run = load_run(ckpt, config=run_dir / "config.json")
+            r = evaluate_run(run, split="test", progress=False)
             results[which] = result_to_json(r, r["class_names"], checkpoint=str(ckpt), split="test")
-        if results["final"] is None:
-            raise FileNotFoundError(f"{run_dir / 'last.pt'} is missing after training")
-        best = best_val(run_dir)
+            if consistency is None:  # best.pt's (evaluated first), or last.pt's when there is no best.pt
+                consistency = {**measure_run(run, split="test"), "checkpoint": str(ckpt)}
         values = {
             "val_miou": 100 * best["miou"] if best else None,
             "best_iter": best["iter"] if best else None,
+            "final_iter": final_iter,
             "test_miou": 100 * results["best"]["miou"] if results["best"] else None,
             "test_miou_final": 100 * results["final"]["miou"],
+            **consistency_columns(consistency),
             "train_seconds": seconds,
         }
         payload = {"run": spec.run, "mode": spec.mode, "seed": spec.seed, "overrides": spec.overrides_text,
-                   **values, **results}
+                   **values, **results, "consistency": consistency}
         atomic_write_text(run_dir / "test.json", json.dumps(payload, indent=2) + "\n")  # last: marks it finished
         return _row(spec, run_dir, "ok", **values)
 

@@ -87,8 +87,16 @@ def test_sweep_writes_rows_skips_them_and_records_a_failure(held_out_dir, tmp_pa
         test = json.loads((run_dir / "test.json").read_text())
         assert test["best"]["split"] == "test" and test["best"]["num_images"] == 3 and len(test["final"]["iou"]) == 21
         assert test["test_miou"] == pytest.approx(float(row["test_miou"]), abs=1e-4)
+        # best.pt is the last iteration here: last.pt is not evaluated a second time
+        assert row["final_iter"] == "1" and test["final"]["same_as"] == "best"
+        assert test["final"]["miou"] == test["best"]["miou"]
+        consistency = test["consistency"]
+        assert consistency["num_images"] == 3 and consistency["checkpoint"].endswith("best.pt")
+        assert 0 <= float(row["test_agreement"]) <= 100
+        assert float(row["test_agreement"]) == pytest.approx(100 * consistency["agreement"], abs=1e-3)
         assert "best val mIoU" in (run_dir / "03_training.ipynb").read_text()   # the executed notebook is kept
     assert "| semi − supervised | 2 |" in (out / "results.md").read_text()
+    assert "cross-context agreement" in (out / "results.md").read_text()
 
     # the same command again: nothing re-runs
     stamps = {n: (out / n / "03_training.ipynb").stat().st_mtime_ns for n in rows}

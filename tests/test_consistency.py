@@ -108,3 +108,18 @@ def test_pair_predictions_are_in_raw_orientation(pairs):
     pred_a, pred_b = pair_predictions(PixelModel(), item)
     (t0, l0, b0, r0), (t1, l1, b1, r1) = item["overlap"].tolist()
     assert torch.equal(pred_a[t0:b0, l0:r0], pred_b[t1:b1, l1:r1])
+
+
+def test_the_figures_pair_shows_objects_and_the_queries_sit_on_them(pairs):
+    from cacnb.data.pairs import overlap_cell_classes, pair_showing_objects
+    from cacnb.viz import default_queries
+
+    index, item = pair_showing_objects(pairs, K)
+    classes = overlap_cell_classes(item, K)
+    assert int(((classes != 0) & (classes != 255)).sum()) >= 4 and bool((classes == 0).any())
+    assert torch.equal(item["image"], pairs[(index, 0)]["image"])          # deterministic
+    h8 = item["image"].shape[-1] // 8
+    cells = cell_labels(item["label"][:1], K)[0]
+    queries = default_queries(item, (h8, h8), 3, num_classes=K)
+    assert len(queries) == 3 and cells[queries[0]] not in (0, 255)          # the first query is on an object
+    assert len(set(queries)) == 3

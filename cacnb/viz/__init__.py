@@ -13,14 +13,14 @@ notebooks use are re-exported here, so ``from cacnb import viz; viz.show_pair(..
 from __future__ import annotations
 
 from cacnb.viz import loss_viz
-from cacnb.viz.features import (default_queries, pca_rgb, plot_confidence, plot_pca, plot_similarity,
-                                pull_directions, similarity_grid, similarity_map)
+from cacnb.viz.features import (default_queries, pca_rgb, plot_agreement, plot_confidence, plot_pca,
+                                plot_similarity, pull_directions, similarity_grid, similarity_map)
 from cacnb.viz.figures import (colorize, image_to_rgb, overlay, plot_compare, plot_confusion, plot_iou_bars,
                                prediction_gallery, show_pair)
 from cacnb.viz.paper import paper_table, paper_table_markdown
 from cacnb.viz.widgets import similarity_explorer, slider_explorer, widgets_available
 
-__all__ = ["loss_viz", "default_queries", "pca_rgb", "plot_confidence", "plot_pca", "plot_similarity",
+__all__ = ["loss_viz", "default_queries", "pca_rgb", "plot_agreement", "plot_confidence", "plot_pca", "plot_similarity",
            "pull_directions", "similarity_grid", "similarity_map", "colorize", "image_to_rgb", "overlay",
            "plot_compare", "plot_confusion", "plot_iou_bars", "prediction_gallery", "show_pair", "paper_table",
            "paper_table_markdown", "similarity_explorer", "slider_explorer", "widgets_available"]

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from cacnb import style
 from cacnb.config import LossConfig
 from cacnb.contrastive import direction_weights
-from cacnb.data.pairs import counterpart, displayed_box, overlap_cells
-from cacnb.viz.figures import draw_box, hide_axes, image_to_rgb
+from cacnb.data.pairs import counterpart, displayed_box, overlap_cell_classes, overlap_cells
+from cacnb.viz.figures import colorize, draw_box, hide_axes, image_to_rgb
 
 POS_THRESH = LossConfig.pos_thresh  # the paper's gamma, the default of loss.pos_thresh
 
@@ -81,23 +81,48 @@ def plot_similarity(item: Mapping, outputs: Sequence[Mapping], y: int, x: int, a
     return style.finish(fig) if own else fig  # a caller's figure is finished by its caller
 
 
-def default_queries(item: Mapping, grid_hw: tuple[int, int], n: int = 3) -> list[tuple[int, int]]:
-    """``n`` query cells of view 1 spread along the overlap's diagonal (so each has a counterpart)."""
+def default_queries(item: Mapping, grid_hw: tuple[int, int], n: int = 3,
+                    num_classes: Optional[int] = None) -> list[tuple[int, int]]:
+    """``n`` query cells of view 1 inside the overlap (so each has a counterpart). With ``num_classes``, on the
+    cells of each foreground class first (one class after another), then the background; else spread along
+    the overlap's diagonal."""
     rows, cols = overlap_cells(item["overlap"][0].tolist(), bool(item["flip"][0]), grid_hw[1])
     h, w = len(rows), len(cols)
     if h <= 0 or w <= 0:
         return [(grid_hw[0] // 2, grid_hw[1] // 2)]
+    if num_classes is not None:
+        return _queries_on_classes(overlap_cell_classes(item, num_classes), rows, cols, n)
     out = []
     for t in np.linspace(0.2, 0.8, n):
         out.append((int(rows[min(h - 1, int(t * h))]), int(cols[min(w - 1, int(t * w))])))
     return out
 
 
+def _queries_on_classes(classes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int) -> list:
+    """Cells of the overlap, one per class in turn (foreground classes first, the most central cell of each)."""
+    present = [int(c) for c in torch.unique(classes) if int(c) not in (0, 255)] + [0]
+    out = []
+    centre = torch.tensor([(len(rows) - 1) / 2, (len(cols) - 1) / 2])
+    while len(out) < n and present:
+        for c in list(present):
+            cells = [(i, j) for i, j in (classes == c).nonzero().tolist()
+                     if (int(rows[i]), int(cols[j])) not in out]
+            if not cells:
+                present.remove(c)
+                continue
+            i, j = min(cells, key=lambda ij: float(((torch.tensor(ij, dtype=torch.float) - centre) ** 2).sum()))
+            out.append((int(rows[i]), int(cols[j])))
+            if len(out) == n:
+                break
+    return out or [(int(rows[len(rows) // 2]), int(cols[len(cols) // 2]))]
+
+
 def similarity_grid(item: Mapping, outputs: Sequence[Mapping], points: Optional[Sequence[tuple]] = None,
-                    n: int = 3):
-    """Static stand-in for the explorer: one :func:`plot_similarity` row per query cell."""
+                    n: int = 3, num_classes: Optional[int] = None):
+    """Static stand-in for the explorer: one :func:`plot_similarity` row per query cell (by default
+    :func:`default_queries`, on the objects of the overlap when ``num_classes`` is given)."""
     h8, w8 = outputs[0]["proj"].shape[-2:]
-    points = list(points) if points else default_queries(item, (h8, w8), n)
+    points = list(points) if points else default_queries(item, (h8, w8), n, num_classes)
     fig, axes = plt.subplots(len(points), 2, figsize=(12, 5.4 * len(points)), squeeze=False, layout="constrained")
     for row, (y, x) in zip(axes, points):
         plot_similarity(item, outputs, int(y), int(x), axes=row)
@@ -199,4 +224,32 @@ def plot_confidence(item: Mapping, outputs: Sequence[Mapping], pos_thresh: float
     axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False)
     fig.colorbar(im2, ax=axes[2], fraction=0.046, pad=0.04)
     hide_axes(axes[2])
+    return style.finish(fig)
+
+
+def plot_agreement(item: Mapping, predictions: Sequence[torch.Tensor], dataset: str = "voc",
+                   ignore_index: int = 255):
+    """Cross-context agreement on one pair: each view's prediction inside the overlap (raw orientation, so the
+    two panels show the same image region) and where they agree (green), disagree (red) or the pixel is
+    unlabeled (grey), with the agreement over the labeled pixels in the title."""
+    label = item["label"][0].flip(-1) if bool(item["flip"][0]) else item["label"][0]   # crop a, raw orientation
+    (t0, l0, b0, r0), (t1, l1, b1, r1) = item["overlap"].tolist()
+    pred_a, pred_b = predictions[0][t0:b0, l0:r0], predictions[1][t1:b1, l1:r1]
+    truth = label[t0:b0, l0:r0]
+    valid = truth != ignore_index
+    same = (pred_a == pred_b) & valid
+    share = float(same.sum()) / max(1, int(valid.sum()))
+    colours = np.full((*truth.shape, 3), 0.6)
+    colours[same.numpy()] = (0.2, 0.7, 0.3)
+    colours[(~same & valid).numpy()] = (0.85, 0.2, 0.2)
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), layout="constrained")
+    for ax, (title, mask) in zip(axes, (("ground truth", truth), (f"{style.VIEWS[0]} predicts", pred_a),
+                                        (f"{style.VIEWS[1]} predicts", pred_b))):
+        ax.imshow(colorize(mask, dataset), interpolation="nearest")
+        ax.set_title(title)
+    axes[3].imshow(colours, interpolation="nearest")
+    axes[3].set_title(f"agree on {100 * share:.1f}% of labeled pixels")
+    for ax in axes:
+        hide_axes(ax)
+    fig.suptitle("the overlap, seen in two contexts (un-flipped)")
     return style.finish(fig)

@@ -53,14 +53,16 @@ def slider_explorer(draw, sliders: Mapping[str, tuple], interactive: Optional[bo
     return box
 
 
-def similarity_explorer(item: Mapping, outputs: Sequence[Mapping], interactive: Optional[bool] = None):
+def similarity_explorer(item: Mapping, outputs: Sequence[Mapping], interactive: Optional[bool] = None,
+                        num_classes: Optional[int] = None):
     """Pick a cell of view 1 with two sliders and see its cosine similarity over view 2 (JupyterLab).
 
-    Static (:func:`similarity_grid`, a few queries along the overlap) when ``interactive`` is False, or None
-    without a widget front-end (papermill). Returns the widget box or the static Figure.
+    Static (:func:`similarity_grid`, a few queries in the overlap) when ``interactive`` is False, or None without
+    a widget front-end (papermill). With ``num_classes`` the queries start on the overlap's objects. Returns the
+    widget box or the static Figure.
     """
     h8, w8 = outputs[0]["proj"].shape[-2:]
-    y0, x0 = default_queries(item, (h8, w8), 1)[0]
+    y0, x0 = default_queries(item, (h8, w8), 1, num_classes)[0]
     return slider_explorer(lambda y, x: plot_similarity(item, outputs, y, x),
                            {"y": (int(y0), 0, int(h8) - 1), "x": (int(x0), 0, int(w8) - 1)},
-                           interactive, static=lambda: similarity_grid(item, outputs))
+                           interactive, static=lambda: similarity_grid(item, outputs, num_classes=num_classes))

@@ -41,10 +41,11 @@ sweep: install
 pretrain: install
 	$(BIN)/python -m cacnb.pretrain
 
-## make lab: JupyterLab on the notebooks without opening a browser (works as root); open the URL it prints,
+## make lab: JupyterLab on the project root (notebooks/, and runs/ with the executed demo notebooks) without opening
+## a browser (works as root); open the URL it prints,
 ## through an SSH tunnel on a remote machine: ssh -N -L 8888:localhost:8888 user@host
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=notebooks --no-browser --ip=$(IP) --port=$(PORT) $(ROOT_FLAG)
+	$(BIN)/jupyter lab --notebook-dir=. --no-browser --ip=$(IP) --port=$(PORT) $(ROOT_FLAG)
 
 ## make gpu-check: the CUDA tests, step / loss benchmarks and NCCL run in one time-bounded command (about 8 minutes;
 ## without CUDA: the CPU parts, under a minute), summary in runs/gpu_check/<time>/. It installs nothing: it uses

@@ -4,7 +4,8 @@
   (``-p nprocs 2`` would otherwise train one process); in JupyterLab it does nothing.
 - :func:`resolve_interactive` turns ``interactive = None`` into "widgets when a live front-end shows them,
   static figures under papermill".
-- :func:`run_dir` derives a run directory from the config exactly as training does (``Config.run_dir``).
+- :func:`run_dir` derives a run directory from the config exactly as training does (``Config.run_dir``);
+  :func:`find_run` falls back to the newest trained run of the config (e.g. the one ``make demo`` wrote).
 - :func:`describe_model` says whether a figure's model is trained, barely trained or random, and stamps that on
   the figures (:func:`cacnb.style.set_caveat`).
 - :func:`execute` runs a notebook under papermill the way ``make demo`` does, without kernel log noise.
@@ -19,6 +20,7 @@ from typing import Mapping, Optional
 
 from . import style
 from .config import Config, load_config
+from .runs import find_checkpoint, newest_run
 
 # papermill's Python translator opens the cell it injects with exactly this comment line
 PAPERMILL_HEADER = "# Parameters"
@@ -164,6 +166,22 @@ def run_dir(config: "Config | str", mode: str = "semi", out_dir: Optional[str] =
     if out_dir is not None:
         over["train.out_dir"] = out_dir
     return load_config(config, over).run_dir
+
+
+def find_run(config: "Config | str", mode: str = "semi", out_dir: Optional[str] = None,
+             overrides: Optional[Mapping[str, object]] = None) -> Path:
+    """:func:`run_dir`, or, when that holds no checkpoint, the newest trained run of the same config and mode
+    under ``out_dir`` (``runs`` by default; :func:`cacnb.runs.newest_run`), saying which. Falls back to
+    :func:`run_dir` when there is none, so the caller's message names the expected place."""
+    expected = run_dir(config, mode, out_dir, overrides)
+    if find_checkpoint(expected) is not None:
+        return expected
+    cfg = load_config(config, {"train.out_dir": out_dir} if out_dir is not None else None)
+    found = newest_run(cfg.name, mode, cfg.train.out_dir)
+    if found is None:
+        return expected
+    print(f"no checkpoint in {expected}; using the newest trained {cfg.name} run ({mode}): {found}")
+    return found
 
 
 def model_note(loaded: "str | os.PathLike | None", progress: Optional[tuple[int, int]] = None) -> Optional[str]:

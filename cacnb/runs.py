@@ -18,6 +18,7 @@ with :func:`training_state`.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from cacnb.model import build_model, unwrap
 from cacnb.paths import resolve
 from cacnb.runlog import best_of, read_metrics
 
-__all__ = ["Run", "load_run", "pair_outputs", "find_checkpoint", "training_state", "training_progress", "config_diff",
+__all__ = ["Run", "load_run", "pair_outputs", "find_checkpoint", "newest_run", "training_state", "training_progress", "config_diff",
            "describe_diff", "default_device", "ARCHITECTURE_KEYS", "CHECKPOINT_NAMES"]
 
 # the settings that give the weights their shapes
@@ -90,6 +91,24 @@ def find_checkpoint(run_dir: "str | os.PathLike") -> Optional[Path]:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def newest_run(config_name: str, mode: str, root: "str | os.PathLike", max_depth: int = 4) -> Optional[Path]:
+    """The run dir under ``root`` (at most ``max_depth`` levels down) whose ``config.json`` has this config name
+    and ``train.mode`` and that holds a checkpoint, most recently written first; None if there is none. Lets a
+    notebook at its defaults find a run another tool wrote elsewhere (``make demo``'s ``runs/demo/sweep/...``)."""
+    root = resolve(root)
+    found = []
+    for depth in range(1, max_depth + 1):
+        for config in root.glob("/".join(["*"] * depth) + "/config.json"):
+            try:
+                saved = json.loads(config.read_text())
+            except (OSError, ValueError):
+                continue
+            checkpoint = find_checkpoint(config.parent)
+            if saved.get("name") == config_name and saved.get("train", {}).get("mode") == mode and checkpoint:
+                found.append((checkpoint.stat().st_mtime, config.parent))
+    return max(found)[1] if found else None
 
 
 def training_state(path: "str | os.PathLike") -> dict:

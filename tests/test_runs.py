@@ -132,3 +132,16 @@ def test_config_diff_is_the_one_saved_config_comparison():
     assert changes == {"data.n_labeled": (8, 60)}
     assert "data.n_labeled" not in config_diff(saved, cfg, skip=["data.n_labeled"])
     assert describe_diff({"a.b": (1, 2)}) == "a.b is 1 there but 2 here"
+
+
+def test_a_notebook_at_its_defaults_finds_the_newest_trained_run_of_its_config(trained_run, capsys):
+    from cacnb import notebook as nb
+
+    out = trained_run.parent
+    assert runs.newest_run("synthetic", "semi", out) == trained_run          # config.json name and train.mode
+    assert runs.newest_run("synthetic", "supervised", out) is None
+    assert runs.newest_run("synthetic_context", "semi", out) is None
+    # the conventional <out_dir>/synthetic_semi holds nothing: the newest trained run is used, and named
+    assert nb.find_run("synthetic", "semi", str(out)) == trained_run
+    assert str(trained_run) in capsys.readouterr().out
+    assert nb.find_run("synthetic", "supervised", str(out)) == out / "synthetic_supervised"   # none: as before

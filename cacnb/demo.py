@@ -5,7 +5,8 @@
 Each notebook is run by papermill (as JupyterLab would: the kernel's cwd is ``notebooks/``) and saved executed
 under ``--out``:
 
-1. 00 writes the benchmark's synthetic set when it is missing and checks it; 01 shows the model.
+1. A short pretraining builds the demo's backbone when it is missing (:mod:`cacnb.pretrain`, recipe ``short``);
+   00 writes the benchmark's synthetic set when it is missing and checks it; 01 shows the model with it.
 2. Training is a one-seed sweep (:mod:`cacnb.sweep`, as ``make sweep`` but 1 seed and a short schedule): notebook
    03 is executed once for the supervised baseline and once for CAC, side by side, each kept in its run dir
    ``<out>/sweep/<mode>_s0/03_training.ipynb``, and both checkpoints are evaluated on the test split.
@@ -27,28 +28,32 @@ from pathlib import Path
 from . import sweep
 from .notebook import execute
 from .paths import project_root
+from .pretrain import ensure_pretrained
 from .results import read_results
 
 DEMO_CONFIG = "synthetic_context"
 # The benchmark's schedule, shortened so that all of make demo fits in 10 minutes on 2 cores: 400 iterations with
-# CAC from iteration 100 (the study: 1,200 with CAC from 400), validation on the first 100 val images.
-DEMO_OVERRIDES = {"train.epochs": 4, "loss.epoch_start_unsup": 1, "train.val_every": 1, "data.val_max_images": 100}
+# CAC from iteration 100, validation on the first 100 val images, and the short pretraining recipe (about
+# 2 minutes; cacnb.pretrain.RECIPES["short"]) instead of the study's.
+DEMO_OVERRIDES = {"model.pretrained": "pretrained/synthetic_resnet18_short.pth", "train.epochs": 4,
+                  "loss.epoch_start_unsup": 1, "train.val_every": 1, "data.val_max_images": 100}
 DEMO_MODES = ("supervised", "semi")
 SWEEP_DIR = "{out}/sweep"
 DEMO_PARAMETERS = {
     "00_data_setup": {"config": DEMO_CONFIG},
-    "01_model": {"config": DEMO_CONFIG},
+    "01_model": {"config": DEMO_CONFIG, "weights": DEMO_OVERRIDES["model.pretrained"]},
     "02_loss_walkthrough": {"config": DEMO_CONFIG, "out_dir": SWEEP_DIR, "interactive": False,
                             "overrides": {"train.run_name": "semi_s0"}},
     "04_evaluation": {"config": DEMO_CONFIG, "run_dir": SWEEP_DIR + "/semi_s0",
                       "baseline_dir": SWEEP_DIR + "/supervised_s0", "split": "test"},
-    "05_visualization": {"config": DEMO_CONFIG, "run_dir": SWEEP_DIR + "/semi_s0", "interactive": False},
+    "05_visualization": {"config": DEMO_CONFIG, "run_dir": SWEEP_DIR + "/semi_s0", "interactive": False,
+                         "split": "test"},
     "06_results": {"sweep_dir": SWEEP_DIR},
 }
 # training (03, through the sweep) comes right after 01, so that 02 explains a trained model
 DEMO_ORDER = ["00_data_setup", "01_model", "03_training", "02_loss_walkthrough", "04_evaluation",
               "05_visualization", "06_results"]
-STUDY_COMMAND = "make sweep   # 4 seeds x supervised / semi / full, the full schedule, 95 % intervals"
+STUDY_COMMAND = "make sweep   # 5 seeds x supervised / semi / full (+ ablations), the full schedule, 95 % intervals"
 
 
 def _format(value, out: str):
@@ -95,6 +100,9 @@ def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> li
     if only:
         stems = [stem for stem in stems if any(stem.startswith(o) for o in only)]
     done = []
+    tic = time.perf_counter()
+    ensure_pretrained(DEMO_OVERRIDES["model.pretrained"])  # 01 shows it, 03 fine-tunes it
+    print(f"[demo] pretrained backbone ready in {time.perf_counter() - tic:.0f} s", flush=True)
     for stem in stems:
         tic = time.perf_counter()
         if stem == "03_training":
@@ -125,6 +133,9 @@ def summary(out: str) -> str:
         if row["status"] == "ok" and not math.isnan(row["test_miou"]):
             lines.append(f"  {labels.get(row['mode'], row['mode']):20s} test mIoU {row['test_miou']:.2f}% "
                          f"(best-on-val checkpoint; val {row['val_miou']:.2f}%)  ({folder / row['run']})")
+            lines.append(f"  {'':20s} cross-context agreement {row['test_agreement']:.2f}%, feature margin "
+                         f"{row['test_margin']:.3f} (positive {row['test_pos_sim']:.3f} vs other classes "
+                         f"{row['test_other_sim']:.3f})")
     lines.append("  ONE seed and a shortened schedule: this difference cannot show significance. The study with "
                  "intervals:")
     lines.append(f"    {STUDY_COMMAND}")

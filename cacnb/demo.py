@@ -100,11 +100,10 @@ def run_notebooks(out: str = "runs/demo", only: "list[str] | None" = None) -> li
     if only:
         stems = [stem for stem in stems if any(stem.startswith(o) for o in only)]
     done = []
-    tic = time.perf_counter()
-    ensure_pretrained(DEMO_OVERRIDES["model.pretrained"])  # 01 shows it, 03 fine-tunes it
-    print(f"[demo] pretrained backbone ready in {time.perf_counter() - tic:.0f} s", flush=True)
     for stem in stems:
         tic = time.perf_counter()
+        if stem == "01_model":  # 01 shows the demo's backbone (03's sweep builds it itself when 01 is skipped)
+            ensure_pretrained(DEMO_OVERRIDES["model.pretrained"])
         if stem == "03_training":
             print(f"[demo] 03_training through a one-seed sweep: python -m cacnb.sweep {' '.join(sweep_argv(out))}",
                   flush=True)
@@ -133,9 +132,10 @@ def summary(out: str) -> str:
         if row["status"] == "ok" and not math.isnan(row["test_miou"]):
             lines.append(f"  {labels.get(row['mode'], row['mode']):20s} test mIoU {row['test_miou']:.2f}% "
                          f"(best-on-val checkpoint; val {row['val_miou']:.2f}%)  ({folder / row['run']})")
-            lines.append(f"  {'':20s} cross-context agreement {row['test_agreement']:.2f}%, feature margin "
-                         f"{row['test_margin']:.3f} (positive {row['test_pos_sim']:.3f} vs other classes "
-                         f"{row['test_other_sim']:.3f})")
+            if math.isfinite(row["test_agreement"]):
+                lines.append(f"  {'':20s} cross-context agreement {row['test_agreement']:.2f}%, feature margin "
+                             f"{row['test_margin']:.3f} (positive {row['test_pos_sim']:.3f} vs other classes "
+                             f"{row['test_other_sim']:.3f})")
     lines.append("  ONE seed and a shortened schedule: this difference cannot show significance. The study with "
                  "intervals:")
     lines.append(f"    {STUDY_COMMAND}")

@@ -42,13 +42,15 @@ def test_summary_reports_both_rows_with_the_one_seed_caveat(tmp_path, monkeypatc
     from cacnb.results import write_results_csv
 
     rows = [{"run": f"{mode}_s0", "mode": mode, "seed": 0, "overrides": "", "val_miou": val, "test_miou": test,
-             "test_miou_final": test, "best_iter": 400, "train_seconds": 1.0, "status": "ok", "log": "x"}
+             "test_miou_final": test, "best_iter": 400, "train_seconds": 1.0, "status": "ok", "log": "x",
+             "test_agreement": test + 30, "test_margin": 0.25, "test_pos_sim": 0.75, "test_other_sim": 0.5}
             for mode, val, test in (("supervised", 41.0, 40.0), ("semi", 52.0, 50.0))]
     write_results_csv(tmp_path / "out" / "sweep" / "results.csv", rows)
     monkeypatch.setattr("cacnb.demo.project_root", lambda *a: tmp_path)
     text = summary("out")
     assert "supervised baseline" in text and "test mIoU 40.00%" in text
     assert "CAC (semi)" in text and "test mIoU 50.00%" in text
+    assert "cross-context agreement 80.00%, feature margin 0.250" in text
     assert "ONE seed" in text and "make sweep" in text
 
 

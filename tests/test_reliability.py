@@ -399,11 +399,12 @@ def test_preflight_and_training_agree_on_symlink_loops_and_16bit_labels(tmp_path
 @pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_a_broken_first_val_image_fails_before_the_first_step(tmp_path, synthetic_voc, monkeypatch):
     import cacnb.train as train_mod
+    import cacnb.train.loop as loop
 
     data_dir = _voc_copy(synthetic_voc, tmp_path)
     voc = data_dir / "VOCdevkit" / "VOC2012"
     (voc / "JPEGImages" / f"{_first_val_id(voc)}.jpg").write_bytes(b"not a jpeg")
-    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: pytest.fail("a step ran"))
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: pytest.fail("a step ran"))
     with pytest.raises(DatasetError, match=rf"{_first_val_id(voc)}\.jpg is corrupt"):
         train_mod.train(tiny(tmp_path, data_dir))
 

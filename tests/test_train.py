@@ -103,8 +103,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_d
     epoch-end checkpoint (3); resumed from it with ckpt_every=1, the same NaN keeps the checkpoint of every
     iteration (4). With log_every=4 the NaN is read later, and the error still names iteration 4."""
     import cacnb.train as train_mod
+    import cacnb.train.loop as loop
 
-    real = train_mod.train_step
+    real = loop.train_step
     calls = {"n": 0, "poison_at": 5}
 
     def poisoned(*args, **kwargs):
@@ -115,7 +116,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_d
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    monkeypatch.setattr(loop, "train_step", poisoned)  # where the loop looks it up
     diverged = "iteration 4: loss term 'loss_sup'.*last good checkpoint"
     with pytest.raises(train_mod.TrainingDiverged, match=diverged):
         train_mod.train(tiny(tmp_path, synthetic_data_dir, **{"train.ckpt_every": 0, "train.log_every": log_every}))

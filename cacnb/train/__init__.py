@@ -11,7 +11,9 @@ an exclusive lock (a second run started into the same dir exits with code 2 nami
 A run dir that already holds ``last.pt`` resumes from it, so re-running a notebook continues the run; a changed
 model, data or split setting is refused unless ``--force``. SIGTERM / SIGINT (SLURM preemption, Ctrl-C) finish the
 current step (under torchrun: the steps up to the next log line, where the ranks agree to stop after the same one),
-save ``last.pt`` and exit with code 128 + signal; a second Ctrl-C exits at once.
+save ``last.pt`` and exit with code 128 + signal; a second Ctrl-C exits at once. A broken file met by a training
+loader mid-run stops every rank before that step the same way: ``last.pt`` of the last completed step, then exit
+code 2 with the loader's message naming the file; fixed, the same command resumes.
 
 A step never waits for the device: its loss terms and statistics stay there and are read, with the NaN/Inf check,
 once per ``train.log_every`` steps (and before every checkpoint). A NaN/Inf stops the run at that read, naming the

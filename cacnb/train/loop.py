@@ -9,8 +9,9 @@ bad iteration and loss term; no checkpoint is written from a diverged state.
 ``last.pt`` is written at every epoch end (before its validation), every ``train.ckpt_every`` iterations and at
 the end; ``best.pt`` after a validation that improved the best mIoU. SIGTERM / SIGINT finish the current step
 (under torchrun: the steps up to the next log line, where the ranks agree to stop after the same one), save
-``last.pt`` and stop. What runs before the first step (checks, lock, data, model, resume) is
-:class:`cacnb.train.bootstrap.TrainerSetup`.
+``last.pt`` and stop. A :class:`DatasetError` from a training loader (a broken file) stops every rank before the
+step it was for, saves ``last.pt`` the same way and is re-raised naming the file. What runs before the first
+step (checks, lock, data, model, resume) is :class:`cacnb.train.bootstrap.TrainerSetup`.
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from .. import evaluate as evaluation  # looked up at call time, so a test can s
 from ..checkpoint_io import first_nonfinite
 from ..config import Config, load_config
 from ..data import make_train_loader
+from ..data.errors import DatasetError
+from ..data.sampling import loader_error_message
 from ..engine import make_checkpoint, rng_state, save_checkpoint, set_lr, train_step
 from ..interrupts import GracefulStop, Interrupted
 from ..model import TrainingForward, unwrap
 from .bootstrap import TrainerSetup
-from .errors import TrainingDiverged
+from .errors import PeerFailed, TrainingDiverged
 from .step_metrics import TrainMetrics
 
 
@@ -100,6 +103,7 @@ class Trainer(TrainerSetup):
             self._maybe_validate()
         self.model = self._wrapped_for_training(cac_on=self._cac_on())
         self.model.train()
+        started, lr = self.iteration, None  # lr: the last step's, for the log line of a stop on a data error
         while self.iteration < self.end:
             self.metrics.clock.start()
             cac_on = self._cac_on()
@@ -108,8 +112,12 @@ class Trainer(TrainerSetup):
                     self.model = self._wrapped_for_training(cac_on=True)
                 pair_batches = self._loader(self.pairs, self.batch_u, self.cfg.train.seed + 1,
                                             self.iteration - self.cac_start)
-            batch_l = next(labeled_batches)
-            batch_u = next(pair_batches) if cac_on else None
+            batch_l, batch_u, data_error = self._next_batches(labeled_batches, pair_batches if cac_on else None)
+            # Ranks must agree before the step: one that enters it alone waits in DDP's collectives forever, and
+            # its forward already changes BatchNorm statistics. See _any_rank_lacks_data for the cost.
+            if self._any_rank_lacks_data(data_error is not None):
+                labeled_batches = pair_batches = None  # their loader workers exit now instead of being killed
+                self._stop_on_data_error(data_error, lr, bar, saved=self.iteration > started)
             lr = set_lr(self.optimizer, self.iteration, self.total, self.cfg.optim.poly_power)  # poly schedule
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 # cross-entropy on the labeled crops; with CAC on, both crops of every pair are encoded too and
@@ -138,6 +146,46 @@ class Trainer(TrainerSetup):
     def _loader(self, dataset, batch: int, seed: int, iteration: int):
         return iter(make_train_loader(dataset, batch, seed=seed, rank=self.rank, world_size=self.world,
                                       num_workers=self.cfg.data.num_workers, start=iteration * batch))
+
+    @staticmethod
+    def _next_batches(labeled, pairs) -> tuple[Optional[dict], Optional[dict], Optional[str]]:
+        """The step's labeled batch and pair batch (None without CAC), or instead the message of the
+        :class:`DatasetError` a loader met (a broken file, named in it)."""
+        try:
+            return next(labeled), (next(pairs) if pairs is not None else None), None
+        except DatasetError as e:  # only the message is kept: the error's traceback holds the loader alive
+            return None, None, loader_error_message(e)
+
+    def _any_rank_lacks_data(self, lacking: bool) -> bool:
+        """Whether this or any other rank could not load this step's data. Under several ranks this is one
+        all-reduce per step of a CPU integer over a gloo group (:func:`cacnb.dist.any_rank`): no device sync
+        and nothing queued on the GPU, only a round trip between the hosts, made while the GPU still works
+        through the previous step. A lighter agreement does not exist: the broken file is known only to the
+        rank that read it, and only at the moment it reads it."""
+        return dist.any_rank(lacking) if self.world > 1 else lacking
+
+    def _stop_on_data_error(self, message: Optional[str], lr: Optional[float], bar, *, saved: bool) -> None:
+        """Every rank stops before this step, as a signal stop does: the interval's log line, ``last.pt`` of the
+        last completed step (rank 0 writes; ``saved`` False: no step ran since the start, so the checkpoint
+        on disk, if any, already holds this state), then :class:`DatasetError` on the rank that met the file
+        (``message``) and :class:`PeerFailed` on the others."""
+        if len(self.metrics):
+            self._log_train(lr, bar)  # raises instead if a loss went NaN/Inf: no checkpoint from that state
+        bar.close()
+        if saved:
+            self._save("last.pt")
+        dist.barrier()  # no rank leaves (and has torchrun stop the others) before rank 0 has written
+        if message is None:
+            raise PeerFailed("another rank met a broken training file (its message is above)")
+        last = self.run_dir / "last.pt"
+        if saved:
+            kept = f"Training stopped after iteration {self.iteration}/{self.end} and saved it in {last}"
+        elif last.exists():
+            kept = f"Training stopped before its first step since the start; {last} holds the run"
+        else:
+            kept = "Training stopped before its first step; nothing was lost"
+        raise DatasetError(f"{message}\n{kept}: fix or replace the file, then run the same command again to "
+                           f"resume from there.")
 
     def _log_train(self, lr: float, bar) -> bool:
         """Write the train line of the steps since the last one, start the next interval, and return whether any

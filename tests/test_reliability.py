@@ -206,6 +206,24 @@ def test_refused_resume_leaves_config_and_env_alone(tmp_path, synthetic_data_dir
 
 
 @pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
+def test_resuming_from_best_pt_exits_2_pointing_at_last_pt(tmp_path, synthetic_data_dir, capsys):
+    from cacnb.engine import CHECKPOINT_FORMAT, save_checkpoint, weights_checkpoint
+    from cacnb.train import main
+
+    cfg = tiny(tmp_path, synthetic_data_dir)
+    full = {"format": CHECKPOINT_FORMAT, "model": {}, "optimizer": {}, "bank": None, "rng": [], "scaler": None,
+            "iteration": 3, "config": cfg.to_dict(), "history": []}
+    best = save_checkpoint(weights_checkpoint(full), tmp_path / "old" / "best.pt")
+    assert set(torch.load(best, weights_only=True)) == {"format", "model", "iteration", "config", "history",
+                                                        "resumable"}
+    assert main(["--config", str(save_config(cfg, tmp_path / "cfg.json")), "--resume", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert f"cacnb.train: error: {best} is a best-on-val checkpoint" in err and "no optimiser state" in err
+    assert f"Resume from last.pt ({tmp_path / 'old' / 'last.pt'}" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # refused before any write
+
+
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_changed_split_is_refused_unless_forced(tmp_path, synthetic_data_dir, capsys):
     from cacnb.train import train
 

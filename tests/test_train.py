@@ -50,6 +50,12 @@ def test_semi_run_writes_the_run_dir(tmp_path, synthetic_data_dir):
     state = torch.load(run / "last.pt", weights_only=True)  # plain tensors and primitives only
     assert state["iteration"] == 6 and state["format"] == "cacnb-checkpoint"
     assert set(state) >= {"model", "optimizer", "bank", "rng", "config", "history", "epoch", "scaler"}
+    # best.pt: the weights, config and history, none of what only resuming needs (about half the size)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert {"model", "config", "history", "iteration", "best_miou"} <= set(best)
+    assert not set(best) & {"optimizer", "bank", "rng", "scaler"} and best["resumable"] is False
+    assert best["history"][-1]["miou"] == best["best_miou"] == max(r["miou"] for r in kinds["val"])
+    assert (run / "best.pt").stat().st_size < 0.75 * (run / "last.pt").stat().st_size
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__
     # the poly schedule decays every iteration; the backbone runs at lr / 10

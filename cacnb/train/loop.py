@@ -31,7 +31,7 @@ from ..config import Config, load_config
 from ..data import make_train_loader
 from ..data.errors import DatasetError
 from ..data.sampling import loader_error_message
-from ..engine import make_checkpoint, rng_state, save_checkpoint, set_lr, train_step
+from ..engine import make_checkpoint, rng_state, save_checkpoint, set_lr, train_step, weights_checkpoint
 from ..interrupts import GracefulStop, Interrupted
 from ..model import TrainingForward, unwrap
 from .bootstrap import TrainerSetup
@@ -252,7 +252,8 @@ class Trainer(TrainerSetup):
 
     def _save(self, name: str) -> None:
         """Checkpoint (rank 0 writes), never a diverged state: the losses since the last log line and the weights
-        are checked first (a host sync, as the write is anyway)."""
+        are checked first (a host sync, as the write is anyway). ``best.pt`` keeps the weights, config and
+        history only (:func:`cacnb.engine.weights_checkpoint`): resuming is from ``last.pt``."""
         if len(self.metrics):
             first_bad = self.metrics.first_nonfinite()
             if first_bad is not None:
@@ -263,7 +264,7 @@ class Trainer(TrainerSetup):
             return
         state = make_checkpoint(self.model, self.optimizer, self.cfg, bank=self.bank, epoch=self._epoch(),
                                 iteration=self.iteration, rngs=rngs, history=self.history, best_miou=self.best_miou)
-        save_checkpoint(state, self.run_dir / name)
+        save_checkpoint(weights_checkpoint(state) if name == "best.pt" else state, self.run_dir / name)
 
     def _check_finite_weights(self) -> None:
         """A finite loss can still produce inf gradients or BatchNorm statistics; never let such weights or

@@ -50,6 +50,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # the name of the backbones cacnb.pretrain builds for the synthetic benchmark (written in the torchvision format)
 SYNTHETIC_PRETRAINED_PREFIX = "synthetic_"  # DistributedDataParallel, torch.compile
 FORMAT = "cacnb-checkpoint"
+# entries of a cacnb training checkpoint that only resuming needs; best.pt goes without them
+RESUME_ONLY_KEYS = ("optimizer", "scaler", "bank", "rng")
 
 
 class CheckpointError(RuntimeError):

@@ -13,6 +13,10 @@ import torch
 import torch.distributed as dist
 
 
+# host_group(): a gloo group beside a default group of another backend (NCCL), made on first use
+_HOST = {"group": None, "timeout_s": 600.0}
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -54,12 +58,35 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0) -> to
         backend = backend or ("nccl" if cuda else "gloo")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)
+        _HOST["timeout_s"] = timeout_s
     return device
 
 
 def cleanup() -> None:
     if is_dist():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+    _HOST["group"] = None
+
+
+def host_group():
+    """The process group for agreements between the ranks' host code: the default group when it is gloo, else a
+    gloo group made on the first call (every rank must make that call at the same point, as for a collective).
+    Its collectives carry CPU tensors and never touch a GPU: no device sync, nothing queued behind the step."""
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST["group"] is None:
+        _HOST["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_HOST["timeout_s"]))
+    return _HOST["group"]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (``flag`` itself for world size 1): one all-reduce of a CPU integer
+    over :func:`host_group`, so it costs a network round trip between the hosts and no device sync."""
+    if get_world_size() == 1:
+        return bool(flag)
+    box = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(box.item())
 
 
 def barrier() -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
-from .checkpoint_io import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint_io import FORMAT as CHECKPOINT_FORMAT, RESUME_ONLY_KEYS
 from .config import Config
 from .loss import cac_unsup_loss
 from .model import unwrap
@@ -145,6 +145,15 @@ def make_checkpoint(model, optimizer, cfg: Config, *, bank, epoch: int, iteratio
         "best_miou": float(best_miou),
         "world_size": dist.get_world_size(),
     }
+
+
+def weights_checkpoint(state: dict) -> dict:
+    """``state`` (a :func:`make_checkpoint` result) without what only resuming needs (SGD momentum, feature bank,
+    RNG streams, scaler): the weights, the config, the history and the counters, marked ``resumable: False``.
+    About half the size; what ``best.pt`` holds, since a run resumes from ``last.pt`` and never from it."""
+    kept = {k: v for k, v in state.items() if k not in RESUME_ONLY_KEYS}
+    kept["resumable"] = False
+    return kept
 
 
 def save_checkpoint(state: dict, path: "str | os.PathLike") -> Path:

@@ -14,7 +14,8 @@ The config policy (one for evaluation, figures and notebooks):
 
 The saved-config diff (:func:`config_diff`, :func:`describe_diff`) lives here too: training uses it to decide
 whether a checkpoint may be resumed, evaluation to refuse a contradicting override. Resume reads its checkpoint
-with :func:`training_state`.
+with :func:`training_state`, which refuses ``best.pt``: it holds the weights, config and history, but none of
+the state only resuming needs (optimiser, feature bank, RNG streams; ``last.pt`` has them).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from cacnb.checkpoint_io import FORMAT, CheckpointError, check_finite_state, load_model_state, safe_load
+from cacnb.checkpoint_io import (FORMAT, RESUME_ONLY_KEYS, CheckpointError, check_finite_state, load_model_state,
+                                 safe_load)
 from cacnb.config import Config, apply_overrides, get_key, load_config, parse_overrides, valid_keys
 from cacnb.model import build_model, unwrap
 from cacnb.paths import resolve
@@ -40,8 +42,9 @@ __all__ = ["Run", "load_run", "pair_outputs", "find_checkpoint", "newest_run", "
 ARCHITECTURE_KEYS = ("data.num_classes", "model.backbone", "model.proj_dim", "model.output_stride")
 # what a run dir's checkpoint is, in order of preference
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
-# checkpoint entries a Run does not keep: the weights (now in the model) and what only resuming needs
-_RESUME_ONLY = ("model", "state_dict", "optimizer", "scaler", "bank", "rng")
+# checkpoint entries a Run does not keep: the weights (now in the model), what only resuming needs, and best.pt's
+# mark that it lacks that
+_RESUME_ONLY = ("model", "state_dict", "resumable", *RESUME_ONLY_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,6 +121,12 @@ def training_state(path: "str | os.PathLike") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cacnb training checkpoint (no 'format': '{FORMAT}'); to start "
                               f"from other weights use cacnb.model.load_checkpoint instead of --resume")
+    if state.get("resumable") is False:
+        raise CheckpointError(f"{path} is a best-on-val checkpoint: it holds the weights, config and history but "
+                              f"no optimiser state (SGD momentum), feature bank or RNG streams, so a run cannot "
+                              f"resume from it. Resume from last.pt ({Path(path).parent / 'last.pt'}: drop --resume "
+                              f"/ train.resume, or pass that file), or start from its weights with "
+                              f"cacnb.model.load_checkpoint")
     for key in ("model", "optimizer", "iteration"):
         if key not in state:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}', so the run cannot resume from it")

@@ -270,12 +270,12 @@ def test_preflight_names_every_missing_id_of_the_chosen_lists(tmp_path):
 
 
 def test_training_start_prints_the_negatives_line_once(capsys):
-    from cacnb.train import _check_negatives
+    from cacnb.train.bootstrap import check_negatives
 
-    _check_negatives(load_config("cityscapes_r50_372"), 1)
+    check_negatives(load_config("cityscapes_r50_372"), 1)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and "4 GPUs x 16200 per crop" in lines[0] and "129600 negatives" in lines[0]
-    _check_negatives(load_config("cityscapes_r50_372"), 4)
+    check_negatives(load_config("cityscapes_r50_372"), 4)
     assert capsys.readouterr().out == ""
 
 

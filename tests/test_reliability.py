@@ -206,6 +206,24 @@ def test_refused_resume_leaves_config_and_env_alone(tmp_path, synthetic_data_dir
 
 
 @pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
+def test_resuming_from_best_pt_exits_2_pointing_at_last_pt(tmp_path, synthetic_data_dir, capsys):
+    from cacnb.engine import CHECKPOINT_FORMAT, save_checkpoint, weights_checkpoint
+    from cacnb.train import main
+
+    cfg = tiny(tmp_path, synthetic_data_dir)
+    full = {"format": CHECKPOINT_FORMAT, "model": {}, "optimizer": {}, "bank": None, "rng": [], "scaler": None,
+            "iteration": 3, "config": cfg.to_dict(), "history": []}
+    best = save_checkpoint(weights_checkpoint(full), tmp_path / "old" / "best.pt")
+    assert set(torch.load(best, weights_only=True)) == {"format", "model", "iteration", "config", "history",
+                                                        "resumable"}
+    assert main(["--config", str(save_config(cfg, tmp_path / "cfg.json")), "--resume", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert f"cacnb.train: error: {best} is a best-on-val checkpoint" in err and "no optimiser state" in err
+    assert f"Resume from last.pt ({tmp_path / 'old' / 'last.pt'}" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # refused before any write
+
+
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_changed_split_is_refused_unless_forced(tmp_path, synthetic_data_dir, capsys):
     from cacnb.train import train
 
@@ -399,13 +417,86 @@ def test_preflight_and_training_agree_on_symlink_loops_and_16bit_labels(tmp_path
 @pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
 def test_a_broken_first_val_image_fails_before_the_first_step(tmp_path, synthetic_voc, monkeypatch):
     import cacnb.train as train_mod
+    import cacnb.train.loop as loop
 
     data_dir = _voc_copy(synthetic_voc, tmp_path)
     voc = data_dir / "VOCdevkit" / "VOC2012"
     (voc / "JPEGImages" / f"{_first_val_id(voc)}.jpg").write_bytes(b"not a jpeg")
-    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: pytest.fail("a step ran"))
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: pytest.fail("a step ran"))
     with pytest.raises(DatasetError, match=rf"{_first_val_id(voc)}\.jpg is corrupt"):
         train_mod.train(tiny(tmp_path, data_dir))
+
+
+# -- a broken file met mid-run: last.pt first, then exit 2 ----------------------------------------------------
+
+def truncate_unlabeled_image(cfg, step: int, rank: int = 0, world: int = 1) -> tuple[Path, bytes]:
+    """Cut in half the unlabeled image that ``rank`` first reads at pair step ``step`` (CAC from the first step)
+    and that no rank reads earlier or in the same step; returns its path and its original bytes."""
+    import itertools
+
+    from cacnb.data import build_pair_dataset
+    from cacnb.data.sampling import InfiniteSampler
+    from cacnb.data.splits import split_lists
+
+    pairs = build_pair_dataset(cfg.data, lists=split_lists(cfg.data))
+    per = cfg.train.batch_size_unsup // world
+    streams = [[i for i, _ in itertools.islice(InfiniteSampler(len(pairs), seed=cfg.train.seed + 1, rank=r,
+                                                               world_size=world), (step + 1) * per)]
+               for r in range(world)]
+    read_elsewhere = {0} | {i for r, stream in enumerate(streams) for i in stream[:step * per]} | {
+        i for r, stream in enumerate(streams) if r != rank for i in stream[step * per:]}  # 0: read at start-up
+    index = next(i for i in streams[rank][step * per:] if i not in read_elsewhere)
+    path = pairs.files.paths(index)[0]
+    original = path.read_bytes()
+    path.write_bytes(original[:len(original) // 2])
+    return path, original
+
+
+@pytest.mark.filterwarnings("ignore:model.pretrained is None:UserWarning")
+def test_a_broken_unlabeled_image_mid_run_saves_last_pt_and_the_rerun_resumes(tmp_path, synthetic_voc, capsys):
+    """Iteration 5 of 6 reads a truncated JPEG: the run saves iteration 4 (mid-epoch, past the epoch-end
+    checkpoint at 3) and exits 2 naming the file; restored, the same command finishes the run as if unbroken."""
+    from cacnb.train import main
+
+    data_dir = _voc_copy(synthetic_voc, tmp_path)
+    over = {"train.log_every": 3, "train.val_every": 0}
+    cfg = tiny(tmp_path / "broken", data_dir, **over)
+    broken, original = truncate_unlabeled_image(cfg, step=4)
+    command = ["--config", str(save_config(cfg, tmp_path / "cfg.json"))]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    first = next(line for line in err.replace("\r", "\n").splitlines() if "cacnb.train: " in line)
+    assert first.startswith("cacnb.train: error: image ") and f"{broken} is corrupt" in first, err
+    assert "Traceback" not in err and "run the same command again to resume" in err
+    run = tmp_path / "broken" / "run"
+    assert f"after iteration 4/6 and saved it in {run / 'last.pt'}" in err
+    assert torch.load(run / "last.pt", weights_only=True)["iteration"] == 4
+    assert [r["iter"] for r in split_kinds(read_metrics(run))["train"]] == [3, 4]  # the interval's line too
+
+    broken.write_bytes(original)
+    assert main(command) == 0
+    assert f"resumed from {run / 'last.pt'} at iteration 4/6" in capsys.readouterr().out
+    assert [r["iter"] for r in split_kinds(read_metrics(run))["train"]] == [3, 4, 6]
+    straight = main(["--config", str(save_config(tiny(tmp_path / "straight", data_dir, **over),
+                                                 tmp_path / "straight.json"))])
+    assert straight == 0
+    resumed = torch.load(run / "last.pt", weights_only=True)
+    reference = torch.load(tmp_path / "straight" / "run" / "last.pt", weights_only=True)
+    assert resumed["iteration"] == reference["iteration"] == 6
+    assert all(torch.equal(resumed["model"][k], reference["model"][k]) for k in reference["model"])
+
+
+def test_a_loader_workers_error_keeps_the_workers_own_message():
+    from cacnb.data.sampling import loader_error_message
+    from cacnb.data.validate import SampleError
+
+    text = ("Caught SampleError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+            '  File "voc.py", line 37, in read_image\n    raise open_failure(path, "image", e) from None\n'
+            "cacnb.data.validate.SampleError: image /d/x.jpg is corrupt or not an image (truncated).\n"
+            "See data_README.md\n")
+    assert loader_error_message(SampleError(text)) == "image /d/x.jpg is corrupt or not an image (truncated).\n" \
+                                                      "See data_README.md"
+    assert loader_error_message(DatasetError("image /d/y.jpg is missing")) == "image /d/y.jpg is missing"
 
 
 # -- item 14: the synthetic set is generated only where it belongs -----------------------------------------------

@@ -50,6 +50,12 @@ def test_semi_run_writes_the_run_dir(tmp_path, synthetic_data_dir):
     state = torch.load(run / "last.pt", weights_only=True)  # plain tensors and primitives only
     assert state["iteration"] == 6 and state["format"] == "cacnb-checkpoint"
     assert set(state) >= {"model", "optimizer", "bank", "rng", "config", "history", "epoch", "scaler"}
+    # best.pt: the weights, config and history, none of what only resuming needs (about half the size)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert {"model", "config", "history", "iteration", "best_miou"} <= set(best)
+    assert not set(best) & {"optimizer", "bank", "rng", "scaler"} and best["resumable"] is False
+    assert best["history"][-1]["miou"] == best["best_miou"] == max(r["miou"] for r in kinds["val"])
+    assert (run / "best.pt").stat().st_size < 0.75 * (run / "last.pt").stat().st_size
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__
     # the poly schedule decays every iteration; the backbone runs at lr / 10
@@ -103,8 +109,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_d
     epoch-end checkpoint (3); resumed from it with ckpt_every=1, the same NaN keeps the checkpoint of every
     iteration (4). With log_every=4 the NaN is read later, and the error still names iteration 4."""
     import cacnb.train as train_mod
+    import cacnb.train.loop as loop
 
-    real = train_mod.train_step
+    real = loop.train_step
     calls = {"n": 0, "poison_at": 5}
 
     def poisoned(*args, **kwargs):
@@ -115,7 +122,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_d
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    monkeypatch.setattr(loop, "train_step", poisoned)  # where the loop looks it up
     diverged = "iteration 4: loss term 'loss_sup'.*last good checkpoint"
     with pytest.raises(train_mod.TrainingDiverged, match=diverged):
         train_mod.train(tiny(tmp_path, synthetic_data_dir, **{"train.ckpt_every": 0, "train.log_every": log_every}))

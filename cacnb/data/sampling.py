@@ -115,3 +115,14 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(mix_seed(seed, rank, -1)),
                       worker_init_fn=ignore_stop_signals if num_workers > 0 else None, **extra)
+
+
+def loader_error_message(error: BaseException) -> str:
+    """The message of an error a loader worker raised. The DataLoader re-raises it in the training process with
+    the worker's traceback in front ("Caught X in DataLoader worker process N. Original Traceback ..."); the
+    worker's own message, which names the broken file, is what follows the traceback's last ``X: ``."""
+    text = str(error)
+    marker = f"{type(error).__name__}: "
+    if text.startswith(f"Caught {type(error).__name__} in DataLoader worker") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text

@@ -302,7 +302,7 @@ class Runner:
             raise FileNotFoundError(f"{run_dir / 'last.pt'} is missing after training")
         records = read_metrics(run_dir)
         final_iter, best = last_iteration(records), best_of(records)
-        results, consistency = {"best": None, "final": None}, None
+        results, consistency, timing = {"best": None, "final": None}, None, {"papermill": seconds}
         for which, name in (("best", "best.pt"), ("final", "last.pt")):
             ckpt = run_dir / name
             if which == "final" and results["best"] is not None and best and best["iter"] == final_iter:
@@ -310,11 +310,15 @@ class Runner:
                 continue
             if not ckpt.is_file():
                 continue
+            tic = time.monotonic()
             run = load_run(ckpt, config=run_dir / "config.json")
             r = evaluate_run(run, split="test", progress=False)
             results[which] = result_to_json(r, r["class_names"], checkpoint=str(ckpt), split="test")
+            timing[f"test {name}"] = time.monotonic() - tic
             if consistency is None:  # best.pt's (evaluated first), or last.pt's when there is no best.pt
+                tic = time.monotonic()
                 consistency = {**measure_run(run, split="test"), "checkpoint": str(ckpt)}
+                timing["consistency"] = time.monotonic() - tic
         values = {
             "val_miou": 100 * best["miou"] if best else None,
             "best_iter": best["iter"] if best else None,
@@ -325,7 +329,7 @@ class Runner:
             "train_seconds": seconds,
         }
         payload = {"run": spec.run, "mode": spec.mode, "seed": spec.seed, "overrides": spec.overrides_text,
-                   **values, **results, "consistency": consistency}
+                   **values, **results, "consistency": consistency, "seconds": timing}
         atomic_write_text(run_dir / "test.json", json.dumps(payload, indent=2) + "\n")  # last: marks it finished
         return _row(spec, run_dir, "ok", **values)
 

@@ -242,8 +242,11 @@ def voc_test_ids(root: Path) -> list[str]:
     """The ids of the optional ``test.txt``, read exactly as ``val.txt``."""
     path = root / VOC_TEST_LIST
     if not path.is_file():
-        raise DatasetError(with_readme(f"{path} is missing, so this dataset has no test split. The synthetic "
-                                       f"generators write one; for VOC, evaluate on val (--split val) or list "
+        raise DatasetError(with_readme(f"{path} is missing, so this dataset has no test split. A synthetic set "
+                                       f"gets one when written with data.synthetic_test > 0 (both synthetic "
+                                       f"presets ask for one; a set written without it, e.g. by an older cacnb, "
+                                       f"is rewritten with `python -m cacnb.data.synthetic --root <its data_dir> "
+                                       f"--num-test N --force`); for VOC, evaluate on val (--split val) or list "
                                        f"held-out ids there, one per line as in val.txt."))
     return _read_ids(path)
 

@@ -26,6 +26,7 @@ from ..interrupts import GracefulStop
 from ..loss import FeatureBank, negatives_note, negatives_per_crop
 from ..model import build_model, maybe_sync_bn
 from ..paths import RunDirLock, atomic_write_text, remove_stale_temporaries
+from ..pretrain import ensure_pretrained
 from ..runlog import MetricsLog, ScalarWriter, environment
 from .errors import USER_ERRORS, PeerFailed
 from .resume import read_resume_state
@@ -124,6 +125,9 @@ class TrainerSetup:
 
     def _build_model(self) -> None:
         cfg = self.cfg
+        # the synthetic benchmark's pretrained backbone is built on first use, like its dataset (rank 0; a real
+        # ImageNet file is only read)
+        rank0_decides(lambda: ensure_pretrained(cfg.model.pretrained))
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         model = build_model(cfg).to(self.device)
         if not self.semi:  # the projector is unused by the baseline: keep it out of DDP and the optimiser

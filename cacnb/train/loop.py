@@ -15,8 +15,10 @@ step (checks, lock, data, model, resume) is :class:`cacnb.train.bootstrap.Traine
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -51,7 +53,9 @@ def train(cfg: "Config | str", overrides=None, *, force: bool = False, make_synt
         warnings.simplefilter("ignore")
     try:
         with GracefulStop() as stop:
+            tic = time.perf_counter()
             trainer = Trainer(cfg, device, force=force, make_synthetic=make_synthetic, stop=stop)
+            trainer.seconds["setup"] = time.perf_counter() - tic
             try:
                 return trainer.run()
             finally:
@@ -67,6 +71,20 @@ class Trainer(TrainerSetup):
     training once ``run()`` starts (DDP over several ranks, ``torch.compile`` if configured); ``unwrap(model)``
     is always the bare one.
     """
+
+    def __init__(self, *args, **kwargs):
+        # host seconds of this invocation by phase (setup, data, compute, validation, checkpoint <name>), in the
+        # final log line for benchmarks/bench_run.py; on a GPU "compute" is the time to queue the steps
+        self.seconds: dict[str, float] = {}
+        super().__init__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - tic
 
     def _wrapped_for_training(self, cac_on: bool) -> torch.nn.Module:
         """The bare model, wrapped in DDP (several ranks) and ``torch.compile`` (if configured).
@@ -112,20 +130,23 @@ class Trainer(TrainerSetup):
                     self.model = self._wrapped_for_training(cac_on=True)
                 pair_batches = self._loader(self.pairs, self.batch_u, self.cfg.train.seed + 1,
                                             self.iteration - self.cac_start)
-            batch_l, batch_u, data_error = self._next_batches(labeled_batches, pair_batches if cac_on else None)
+            with self._timed("data"):
+                batch_l, batch_u, data_error = self._next_batches(labeled_batches, pair_batches if cac_on else None)
             # Ranks must agree before the step: one that enters it alone waits in DDP's collectives forever, and
             # its forward already changes BatchNorm statistics. See _any_rank_lacks_data for the cost.
             if self._any_rank_lacks_data(data_error is not None):
                 labeled_batches = pair_batches = None  # their loader workers exit now instead of being killed
                 self._stop_on_data_error(data_error, lr, bar, saved=self.iteration > started)
             lr = set_lr(self.optimizer, self.iteration, self.total, self.cfg.optim.poly_power)  # poly schedule
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                # cross-entropy on the labeled crops; with CAC on, both crops of every pair are encoded too and
-                # the directional contrastive loss of their overlap joins
-                result = train_step(self.model, batch_l, batch_u, self.cfg, bank=self.bank, generator=self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            self.optimizer.step()  # SGD
+            with self._timed("compute"):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    # cross-entropy on the labeled crops; with CAC on, both crops of every pair are encoded too
+                    # and the directional contrastive loss of their overlap joins
+                    result = train_step(self.model, batch_l, batch_u, self.cfg, bank=self.bank,
+                                        generator=self.generator)
+                self.optimizer.zero_grad(set_to_none=True)
+                result.loss.backward()
+                self.optimizer.step()  # SGD
             self.metrics.add(self.iteration, result, images=self.batch_l + (2 * self.batch_u if cac_on else 0))
             self.iteration += 1
             bar.update(1)
@@ -235,9 +256,11 @@ class Trainer(TrainerSetup):
             return
         bare = unwrap(self.model)
         dist.broadcast_buffers(bare)
-        result = evaluation.evaluate(bare, self.val, self.cfg.data.num_classes, mode=self.cfg.train.eval_mode,
-                          crop_size=self.cfg.data.crop_size, ignore_index=self.cfg.data.ignore_index,
-                          max_images=self.cfg.data.val_max_images, progress=False)
+        with self._timed("validation"):
+            result = evaluation.evaluate(bare, self.val, self.cfg.data.num_classes,
+                                         mode=self.cfg.train.eval_mode, crop_size=self.cfg.data.crop_size,
+                                         ignore_index=self.cfg.data.ignore_index,
+                                         max_images=self.cfg.data.val_max_images, progress=False)
         self.model.train()
         record = {"kind": "val", "iter": self.iteration, "epoch": epoch - 1, "miou": result["miou"],
                   "iou": result["iou"], "pixel_acc": result["pixel_acc"]}
@@ -251,6 +274,10 @@ class Trainer(TrainerSetup):
             self._save("best.pt")
 
     def _save(self, name: str) -> None:
+        with self._timed(f"checkpoint {name}"):
+            self._write_checkpoint(name)
+
+    def _write_checkpoint(self, name: str) -> None:
         """Checkpoint (rank 0 writes), never a diverged state: the losses since the last log line and the weights
         are checked first (a host sync, as the write is anyway). ``best.pt`` keeps the weights, config and
         history only (:func:`cacnb.engine.weights_checkpoint`): resuming is from ``last.pt``."""
@@ -281,7 +308,7 @@ class Trainer(TrainerSetup):
         dist.broadcast_buffers(bare)
         sums = dist.all_gather_object(parameter_digest(bare))
         self.log.write({"kind": "final", "iter": self.iteration, "best_miou": self.best_miou,
-                        "param_digests": sums, "ranks_in_sync": len(set(sums)) == 1})
+                        "param_digests": sums, "ranks_in_sync": len(set(sums)) == 1, "seconds": dict(self.seconds)})
         self.tb.close()
         if self.is_main:
             print(f"[cacnb] done: {self.run_dir} (best val mIoU "

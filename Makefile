@@ -57,7 +57,7 @@ gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py
 
 data: install
-	$(BIN)/python -m cacnb.data.synthetic --root data/synthetic
+	$(BIN)/python -m cacnb.data.synthetic --root data/synthetic --num-test 40
 
 clean-demo:
 	rm -rf runs/demo

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from .config import MODES, PRESETS, Config, ConfigError, load_config, parse_overrides
 from .data.errors import DatasetError
-from .data.splits import eval_pairs, split_lists
+from .data.splits import split_lists
+from .data.validate import check_split_lists, run_split_lists
 from .evaluate import evaluate_run, result_to_json
 from .paths import atomic_write_text, resolve
 from .pretrain import ensure_pretrained
@@ -178,13 +179,15 @@ def prepare_data(plan: Plan) -> None:
         if key in done:
             continue
         done.add(key)
-        ensure_pretrained(cfg.model.pretrained)
         try:
             ensure_dataset(cfg)
-            split_lists(cfg.data)
-            eval_pairs(cfg.data, "test")
+            lists = split_lists(cfg.data)
+            check_split_lists(run_split_lists(lists))  # the trainer's check, before any run starts
         except DatasetError as e:
-            raise SweepError(f"the sweep reports on the test split, which this dataset lacks or cannot read: {e}")
+            raise SweepError(str(e)) from None
+        if lists.test is None:
+            raise SweepError(f"the sweep reports on the test split, which this dataset lacks: {lists.test_problem}")
+        ensure_pretrained(cfg.model.pretrained)  # last: minutes of work, only once every check has passed
 
 
 # ---------------------------------------------------------------------------------------------------------------

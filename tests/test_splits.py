@@ -135,8 +135,26 @@ def test_official_lists_are_taken_by_path(synthetic_data_dir, tmp_path):
     (official / "val.txt").write_text("/JPEGImages/synth_val_00000.jpg /SegmentationClassAug/synth_val_00000.png\n")
     lists = split_lists(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data)
     assert lists.sources["val"] == str(official / "val.txt") and len(lists.val) == 1
+    other_size = split_lists(_cfg(synthetic_data_dir, n_labeled=1323, split_dir=str(official)).data)
+    assert len(other_size.val) == 1                              # val alone needs no training list ...
     with pytest.raises(DatasetError, match=r"no 1323_train_supervised.txt.*n_labeled in \['3'\]"):
-        split_lists(_cfg(synthetic_data_dir, n_labeled=1323, split_dir=str(official)).data)
+        other_size.labeled                                       # ... which fails, naming the sizes there are
+    (official / "test.txt").write_text("/JPEGImages/synth_val_00001.jpg /SegmentationClassAug/synth_val_00001.png\n")
+    lists = split_lists(_cfg(synthetic_data_dir, n_labeled=3, split_dir=str(official)).data)
+    assert lists.eval_split("test") == (splits.voc_pairs(["synth_val_00001"]), str(official / "test.txt"))
+
+
+def test_one_object_holds_every_list_and_computes_each_once(synthetic_data_dir, monkeypatch):
+    lists = split_lists(_cfg(synthetic_data_dir, n_labeled=5).data)
+    calls = []
+    real = splits.train_pairs
+    monkeypatch.setattr(splits, "train_pairs", lambda cfg: calls.append(1) or real(cfg))
+    assert lists.labeled and lists.unlabeled and lists.sources["unlabeled"]
+    assert len(calls) == 1                                       # drawn once, then kept
+    assert lists.test is None and "test.txt is missing" in lists.test_problem     # the fixture has no test list
+    with pytest.raises(DatasetError, match="no test split"):
+        lists.eval_split("test")
+    assert "test" not in lists.sources and list(lists) == [lists.labeled, lists.unlabeled, lists.val]
 
 
 def test_dataset_root_forms_and_errors(synthetic_voc, tmp_path):

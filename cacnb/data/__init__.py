@@ -19,7 +19,7 @@ from ..config import dataset_layout
 from .cityscapes import CityscapesFiles
 from .pairs import PairDataset, sample_pair_windows
 from .sampling import InfiniteSampler, make_train_loader
-from .splits import Pair, SplitLists, data_config, dataset_root, eval_pairs, split_lists
+from .splits import Pair, SplitLists, data_config, dataset_root, split_lists
 from .transforms import MEAN, STD, denormalize
 from .voc import LabeledDataset, SegFiles
 
@@ -55,26 +55,23 @@ def build_pair_dataset(data_cfg, *, lists: Optional[SplitLists] = None) -> PairD
 
 
 def build_val_dataset(data_cfg, *, lists: Optional[SplitLists] = None) -> LabeledDataset:
+    return build_eval_dataset(data_cfg, "val", lists=lists)
+
+
+def build_eval_dataset(data_cfg, split: str = "val", *, lists: Optional[SplitLists] = None) -> LabeledDataset:
+    """Whole images of the ``val`` split (checkpoint selection) or the ``test`` split (reporting only)."""
     cfg = data_config(data_cfg)
-    pairs = lists.val if lists is not None else eval_pairs(cfg, "val")[0]
+    pairs = (split_lists(cfg) if lists is None else lists).eval_split(split)[0]
     return LabeledDataset(_files(cfg, pairs), train=False, ignore_index=cfg.ignore_index)
 
 
-def build_eval_dataset(data_cfg, split: str = "val") -> LabeledDataset:
-    """Whole images of the ``val`` split (checkpoint selection) or the ``test`` split (reporting only)."""
-    cfg = data_config(data_cfg)
-    if split == "val":
-        return build_val_dataset(cfg)
-    files = _files_type(cfg)(dataset_root(cfg), eval_pairs(cfg, split)[0])
-    return LabeledDataset(files, train=False, ignore_index=cfg.ignore_index)
-
-
-def build_eval_pair_dataset(data_cfg, split: str = "test") -> PairDataset:
+def build_eval_pair_dataset(data_cfg, split: str = "test", *, lists: Optional[SplitLists] = None) -> PairDataset:
     """Crop pairs of the ``split`` images as the pair sampler draws them in training (same crop, scale range,
     stride, IoU bound and context rule), with photometric augmentation off, so that the two crops of a pair
     hold identical pixels in their overlap."""
     cfg = data_config(data_cfg)
-    return PairDataset(_files(cfg, eval_pairs(cfg, split)[0]), crop_size=cfg.crop_size, base_size=cfg.base_size,
+    pairs = (split_lists(cfg) if lists is None else lists).eval_split(split)[0]
+    return PairDataset(_files(cfg, pairs), crop_size=cfg.crop_size, base_size=cfg.base_size,
                        scale_range=cfg.pair_scale_range, stride=cfg.stride, iou_bound=cfg.iou_bound,
                        photometric=False, ignore_index=cfg.ignore_index, context=cfg.context)
 

@@ -1,12 +1,18 @@
-"""The lists a run reads: labeled, unlabeled and val (plus the optional test list), computed in memory.
+"""The lists a config's data has: labeled, unlabeled, val and the optional test list, computed once, in memory.
 
-Where a run's lists come from, in this order:
+:func:`split_lists` is the one place that decides them; it returns a :class:`SplitLists` that training, the
+dataset builders and evaluation take (``eval_pairs`` is a shortcut to its val or test list). Where the training
+lists come from, in this order:
 
 1. ``data.split_dir``: a folder of ``{n}_train_supervised.txt`` / ``{n}_train_unsupervised.txt`` lists (e.g. the
    ``dataloaders/voc_splits0`` folder of a clone of the official repository), and its ``val.txt`` if it has one;
 2. ``data.datalist = k`` (VOC, Cityscapes): the paper's lists shipped in the package (:mod:`cacnb.data.official`);
 3. ``data.datalist = null``: a seeded, disjoint split of the training ids (``data.split_seed``). Synthetic data
    always takes this path.
+
+val is ``data.split_dir``'s ``val.txt`` if it has one, the shipped one of ``data.datalist``, else the dataset's
+own; test (reporting only) is ``data.split_dir``'s ``test.txt`` if it has one, else the dataset's own
+``ImageSets/Segmentation/test.txt``, else there is none (and asking for it is an error saying why).
 
 Nothing is ever written into the dataset folder, so a read-only (shared) copy of a dataset just works; training
 records the exact lists it used in its run dir (:func:`record_splits`). The line format is :mod:`.lines`'s.
@@ -16,10 +22,10 @@ Paths in the config are taken as they are: they were made absolute where the con
 """
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -41,52 +47,106 @@ ROLES = ("labeled", "unlabeled", "val")
 RECORD_SUBDIR = "splits"  # <run dir>/splits/{labeled,unlabeled,val}.txt: the lists a run trained with
 
 
-@dataclass(frozen=True)
 class SplitLists:
-    """A run's three lists, and where each came from (a file, or how it was drawn), for messages and records.
-    Iterating yields ``labeled, unlabeled, val``."""
-    labeled: list[Pair]
-    unlabeled: list[Pair]
-    val: list[Pair]
-    sources: Mapping[str, str]  # role -> source
+    """Every list of a config's data, each computed on first use and then kept: ``labeled``, ``unlabeled``,
+    ``val`` (selection) and ``test`` (reporting only; None where the dataset has none, ``test_problem`` then says
+    why), and ``sources`` (role -> a file, or how the list was drawn, for messages and records). The split rule
+    lives here and nowhere else; evaluating val alone never needs the training lists. Iterating yields
+    ``labeled, unlabeled, val``: the lists a training run reads and records."""
+
+    def __init__(self, data_cfg):
+        self.cfg = data_config(data_cfg)
+
+    # -- the rule ------------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _official(self) -> tuple[list[Pair], list[Pair], list[Pair]]:
+        """The shipped lists of ``data.datalist`` for ``data.n_labeled``: labeled, unlabeled, val."""
+        try:
+            return official.split_pairs(self.cfg.dataset, self.cfg.datalist, self.cfg.n_labeled)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+
+    @functools.cached_property
+    def _train(self) -> tuple[list[Pair], list[Pair], str, str]:
+        """labeled, unlabeled and their sources: data.split_dir's lists, the shipped ones, or a seeded split."""
+        cfg = self.cfg
+        if cfg.split_dir:
+            files = _given_train_files(cfg)
+            return (read_split(files["labeled"]), read_split(files["unlabeled"]), str(files["labeled"]),
+                    str(files["unlabeled"]))
+        if cfg.datalist is not None:
+            prefix = f"{cfg.dataset} datalist {cfg.datalist}"
+            labeled, unlabeled, _ = self._official
+            return labeled, unlabeled, f"{prefix}, {cfg.n_labeled} labeled", f"{prefix}, unlabeled"
+        labeled, unlabeled = make_splits(train_pairs(cfg), cfg.n_labeled, cfg.split_seed)
+        drawn = f"{cfg.data_dir}: seeded split (data.split_seed={cfg.split_seed}, data.n_labeled={cfg.n_labeled})"
+        return labeled, unlabeled, drawn, drawn
+
+    @functools.cached_property
+    def _val(self) -> tuple[list[Pair], str]:
+        """data.split_dir's val.txt if there is one, the shipped one of data.datalist, else the dataset's own."""
+        cfg = self.cfg
+        given = given_files(cfg)["val"] if cfg.split_dir else None
+        if given is not None and given.is_file():
+            return read_split(given), str(given)
+        if not cfg.split_dir and cfg.datalist is not None:
+            return self._official[2], f"{cfg.dataset} datalist {cfg.datalist}, val"
+        return val_pairs(cfg), f"{cfg.data_dir}: the dataset's val list"
+
+    @functools.cached_property
+    def _test(self) -> tuple[Optional[list[Pair]], str]:
+        """data.split_dir's test.txt if there is one, else the dataset's own; ``(None, why)`` without either."""
+        cfg = self.cfg
+        given = Path(cfg.split_dir) / "test.txt" if cfg.split_dir else None
+        if given is not None and given.is_file():
+            return read_split(given), str(given)
+        try:
+            return test_pairs(cfg), f"{cfg.data_dir}: the dataset's test list"
+        except DatasetError as e:
+            return None, str(e)
+
+    # -- the lists -----------------------------------------------------------------------------------------------
+    labeled = property(lambda self: self._train[0])
+    unlabeled = property(lambda self: self._train[1])
+    val = property(lambda self: self._val[0])
+    test = property(lambda self: self._test[0])
+    test_problem = property(lambda self: None if self._test[0] is not None else self._test[1])
+
+    @property
+    def sources(self) -> dict[str, str]:
+        out = {"labeled": self._train[2], "unlabeled": self._train[3], "val": self._val[1]}
+        return {**out, "test": self._test[1]} if self.test is not None else out
 
     def __iter__(self) -> Iterator[list[Pair]]:
         return iter((self.labeled, self.unlabeled, self.val))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SplitLists) and list(self) == list(other) and self.sources == other.sources
 
     def items(self) -> Iterator[tuple[str, list[Pair]]]:
         """``(role, pairs)`` for the roles of :data:`ROLES`."""
         return zip(ROLES, self)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# the lists a run reads
+    def eval_split(self, split: str) -> tuple[list[Pair], str]:
+        """``(pairs, source)`` of ``val`` (selection) or ``test`` (reporting only); a DatasetError saying why when
+        there is no test list."""
+        if split not in EVAL_SPLITS:
+            raise DatasetError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
+        if split == "val":
+            return self._val
+        if self.test is None:
+            raise DatasetError(self._test[1])
+        return self._test
 
 
 def split_lists(data_cfg) -> SplitLists:
-    """The labeled, unlabeled and val lists of a run of ``data_cfg`` (a DataConfig or a full Config)."""
-    cfg = data_config(data_cfg)
-    if cfg.split_dir:
-        return _given_lists(cfg)
-    if cfg.datalist is not None:
-        return _official_lists(cfg)
-    return _seeded_lists(cfg)
+    """The :class:`SplitLists` of ``data_cfg`` (a DataConfig or a full Config)."""
+    return SplitLists(data_cfg)
 
 
 def eval_pairs(data_cfg, split: str = "val") -> tuple[list[Pair], str]:
-    """``(pairs, source)`` of an evaluation split: ``val`` (selection) or ``test`` (reporting only).
-
-    ``val`` is the run's (:func:`split_lists`). ``test`` is ``<data.split_dir>/test.txt`` when that exists, else
-    the dataset's own ``ImageSets/Segmentation/test.txt``.
-    """
-    if split not in EVAL_SPLITS:
-        raise DatasetError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
-    cfg = data_config(data_cfg)
-    if split == "val":
-        return _val(cfg)
-    given = Path(cfg.split_dir) / "test.txt" if cfg.split_dir else None
-    if given is not None and given.is_file():
-        return read_split(given), str(given)
-    return test_pairs(cfg), f"{cfg.data_dir}: the dataset's test list"
+    """``(pairs, source)`` of an evaluation split of ``data_cfg`` (:meth:`SplitLists.eval_split`)."""
+    return SplitLists(data_cfg).eval_split(split)
 
 
 def record_splits(lists: SplitLists, run_dir: "str | os.PathLike") -> dict[str, Path]:
@@ -111,48 +171,18 @@ def given_files(data_cfg) -> dict[str, Path]:
     return dict(zip(ROLES, (*(folder / name for name in split_names(cfg.n_labeled)), folder / "val.txt")))
 
 
-def _given_lists(cfg) -> SplitLists:
+def _given_train_files(cfg) -> dict[str, Path]:
+    """data.split_dir's labeled and unlabeled lists for data.n_labeled; a DatasetError naming the sizes it has
+    when they are missing."""
     files = given_files(cfg)
-    split_dir = files["val"].parent
     missing = [files[role].name for role in ("labeled", "unlabeled") if not files[role].is_file()]
     if missing:
+        split_dir = files["val"].parent
         have = sorted(p.name.split("_")[0] for p in split_dir.glob("*_train_supervised.txt"))
         raise DatasetError(with_readme(
             f"{split_dir} has no {' / '.join(missing)} for data.n_labeled={cfg.n_labeled}. "
             f"Lists there are for n_labeled in {have or 'none'}; set data.n_labeled to one of them."))
-    val, val_source = _val(cfg)
-    return SplitLists(read_split(files["labeled"]), read_split(files["unlabeled"]), val,
-                      {"labeled": str(files["labeled"]), "unlabeled": str(files["unlabeled"]), "val": val_source})
-
-
-def _official_lists(cfg) -> SplitLists:
-    """The shipped lists of ``data.datalist`` for ``data.n_labeled``."""
-    try:
-        labeled, unlabeled, val = official.split_pairs(cfg.dataset, cfg.datalist, cfg.n_labeled)
-    except ValueError as e:
-        raise DatasetError(str(e)) from None
-    prefix = f"{cfg.dataset} datalist {cfg.datalist}"
-    return SplitLists(labeled, unlabeled, val, {"labeled": f"{prefix}, {cfg.n_labeled} labeled",
-                                                "unlabeled": f"{prefix}, unlabeled", "val": f"{prefix}, val"})
-
-
-def _seeded_lists(cfg) -> SplitLists:
-    labeled, unlabeled = make_splits(train_pairs(cfg), cfg.n_labeled, cfg.split_seed)
-    drawn = f"{cfg.data_dir}: seeded split (data.split_seed={cfg.split_seed}, data.n_labeled={cfg.n_labeled})"
-    val, val_source = _val(cfg)
-    return SplitLists(labeled, unlabeled, val, {"labeled": drawn, "unlabeled": drawn, "val": val_source})
-
-
-def _val(cfg) -> tuple[list[Pair], str]:
-    """The val list: ``data.split_dir``'s val.txt if there is one, the shipped one of ``data.datalist``, else the
-    dataset's own."""
-    given = given_files(cfg)["val"] if cfg.split_dir else None
-    if given is not None and given.is_file():
-        return read_split(given), str(given)
-    if not cfg.split_dir and cfg.datalist is not None:
-        official_lists = _official_lists(cfg)
-        return official_lists.val, official_lists.sources["val"]
-    return val_pairs(cfg), f"{cfg.data_dir}: the dataset's val list"
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------

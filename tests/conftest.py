@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 # Keep each test process to the cores the machine has; torch's default thread pool oversubscribes under xdist
-# or torchrun children otherwise.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# or torchrun children otherwise. Under pytest-xdist (`make test` runs two workers) each worker gets one thread:
+# two workers of two threads on 2 cores spin-wait on each other (see benchmarks/RESULTS.md, "The test suite").
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
 # Per-test limits of pytest-timeout: `timeout` in pyproject.toml for every test (a hang fails that test, by
@@ -21,10 +22,12 @@ SLOW_TIMEOUT_S = 600
 
 
 def pytest_collection_modifyitems(config, items):
-    """Give tests marked ``slow`` the ``SLOW_TIMEOUT_S`` limit, unless a test sets its own ``timeout`` marker."""
+    """Give tests marked ``slow`` the ``SLOW_TIMEOUT_S`` limit, unless a test sets its own ``timeout`` marker, and
+    run them first: under ``-n 2`` a long test handed out last would leave one worker idle while it ends."""
     for item in items:
         if item.get_closest_marker("slow") and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept within each
 
 
 @pytest.fixture(scope="session")

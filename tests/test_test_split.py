@@ -42,6 +42,25 @@ def test_test_split_is_read_like_val_and_disjoint(held_out_dir):
     assert item["image"].shape[-2:] == item["label"].shape          # whole images, as val
 
 
+def test_test_max_images_keeps_the_first_test_images_for_every_reader(held_out_dir):
+    """make demo's quick test: the cap is applied where the lists are decided, so evaluation and the consistency
+    pairs see the same images; val and the training lists do not change."""
+    from cacnb.data import build_eval_pair_dataset
+
+    over = [f"data.data_dir={held_out_dir}", "data.n_labeled=6"]
+    full = split_lists(load_config("synthetic", over).data)
+    capped_cfg = load_config("synthetic", over + ["data.test_max_images=3"])
+    capped = split_lists(capped_cfg.data)
+    assert capped.test == full.test[:3] and len(full.test) == 4
+    assert capped.sources["test"].endswith("its first 3 of 4 images (data.test_max_images)")
+    assert list(capped) == list(full)                                   # labeled, unlabeled, val unchanged
+    assert len(build_eval_dataset(capped_cfg.data, "test")) == 3
+    assert len(build_eval_pair_dataset(capped_cfg.data, "test")) == 3
+    assert split_lists(load_config("synthetic", over + ["data.test_max_images=9"]).data).test == full.test
+    with pytest.raises(ValueError, match="data.test_max_images"):
+        load_config("synthetic", over + ["data.test_max_images=0"])
+
+
 def test_train_ids_exclude_test_ids_without_a_train_list(held_out_dir, tmp_path):
     root = held_out_dir / "VOCdevkit" / "VOC2012"
     test_ids = set((root / "ImageSets/Segmentation/test.txt").read_text().split())

@@ -60,6 +60,7 @@ class DataConfig:
     context: bool = True                  # false (ablation): both pair crops from one window, no context change
     num_workers: int = 4                  # DataLoader workers per rank
     val_max_images: Optional[int] = None  # evaluate only the first N val images (quick runs)
+    test_max_images: Optional[int] = None  # test split: only the first N images (make demo; evaluation reads it)
     synthetic_train: int = 240            # images the synthetic generator writes, when it has to
     synthetic_val: int = 40
     synthetic_test: int = 0               # held-out test images (0: no test split)
@@ -199,6 +200,7 @@ NUMERIC_RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.stride", _at_least(1), ">= 1 pixel"),
     ("data.num_workers", _at_least(0), ">= 0 (0: load in the training process)"),
     ("data.val_max_images", _optional(_at_least(1)), ">= 1, or null for all"),
+    ("data.test_max_images", _optional(_at_least(1)), ">= 1, or null for all"),
     ("data.synthetic_train", _at_least(1), ">= 1"),
     ("data.synthetic_val", _at_least(1), ">= 1"),
     ("data.synthetic_test", _at_least(0), ">= 0 (0: no test split)"),

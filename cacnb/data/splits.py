@@ -95,15 +95,21 @@ class SplitLists:
 
     @functools.cached_property
     def _test(self) -> tuple[Optional[list[Pair]], str]:
-        """data.split_dir's test.txt if there is one, else the dataset's own; ``(None, why)`` without either."""
+        """data.split_dir's test.txt if there is one, else the dataset's own; ``(None, why)`` without either.
+        ``data.test_max_images`` keeps its first N images (make demo's quick test)."""
         cfg = self.cfg
         given = Path(cfg.split_dir) / "test.txt" if cfg.split_dir else None
         if given is not None and given.is_file():
-            return read_split(given), str(given)
-        try:
-            return test_pairs(cfg), f"{cfg.data_dir}: the dataset's test list"
-        except DatasetError as e:
-            return None, str(e)
+            pairs, source = read_split(given), str(given)
+        else:
+            try:
+                pairs, source = test_pairs(cfg), f"{cfg.data_dir}: the dataset's test list"
+            except DatasetError as e:
+                return None, str(e)
+        cap = cfg.test_max_images
+        if cap is not None and cap < len(pairs):
+            return pairs[:cap], f"{source}, its first {cap} of {len(pairs)} images (data.test_max_images)"
+        return pairs, source
 
     # -- the lists -----------------------------------------------------------------------------------------------
     labeled = property(lambda self: self._train[0])

@@ -25,7 +25,8 @@ RUN_DEFINING_KEYS = ("data.data_dir", "data.n_labeled", "data.split_seed", "data
                      "data.iou_bound", "data.stride", "train.iters_per_epoch", "train.batch_size",
                      "train.batch_size_unsup", "train.seed", "loss.epoch_start_unsup")
 # keys that may change on resume without comment
-RESUME_FREE_KEYS = ("train.resume", "train.max_iters", "data.num_workers", "data.val_max_images", "train.compile",
+RESUME_FREE_KEYS = ("train.resume", "train.max_iters", "data.num_workers", "data.val_max_images",
+                    "data.test_max_images", "train.compile",
                     "train.log_every", "model.pretrained")
 
 

@@ -25,9 +25,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m cacnb.demo --out runs/demo
 
-## make test: the whole test suite (non-zero exit on any failure)
+## make test: the whole test suite on two pytest-xdist workers (non-zero exit on any failure; measured times:
+## benchmarks/RESULTS.md, "The test suite"). TEST_ARGS="-n 0" runs it in one process.
+TEST_ARGS ?= -n 2
 test: install
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q $(TEST_ARGS) --durations=15 tests
 
 ## make sweep: the README's study (5 seeds x supervised/semi/full, two runs side by side; the pretrained backbone
 ## is built first when missing; see the README for its measured time), papermill runs of notebook 03 into

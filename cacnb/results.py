@@ -322,8 +322,9 @@ def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
         f"- Machine: {machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPU cores, torch "
         f"{machine.get('torch', '?')}, device {machine.get('device', '?')}",
         f"- Interval: {pct} % Student-t over seeds (mean ± t·s/√n); differences are paired on the seed, with a "
-        f"BCa bootstrap interval and an exact Wilcoxon signed-rank p beside them (scipy.stats; with 5 pairs the "
-        f"smallest possible Wilcoxon p is 0.0625). Every metric is measured on the test split with the "
+        f"BCa bootstrap interval and an exact Wilcoxon signed-rank p beside them (scipy.stats"
+        + (f"; with {len(seeds)} pairs the smallest possible two-sided Wilcoxon p is {2.0 ** (1 - len(seeds)):.4g}"
+           if len(seeds) > 1 else "") + "). Every metric is measured on the test split with the "
         f"best-on-val checkpoint (`best.pt`); \"final\" is the last checkpoint (`last.pt`). Val only selects; "
         f"nothing is chosen on test.",
         f"- Convergence: the best val checkpoint is the last iteration in {last} of {known} runs.",

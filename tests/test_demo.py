@@ -42,9 +42,10 @@ def test_summary_reports_both_rows_with_the_one_seed_caveat(tmp_path, monkeypatc
     from cacnb.results import write_results_csv
 
     rows = [{"run": f"{mode}_s0", "mode": mode, "seed": 0, "overrides": "", "val_miou": val, "test_miou": test,
-             "test_miou_final": test, "best_iter": 400, "train_seconds": 1.0, "status": "ok", "log": "x",
+             "test_miou_final": test - 5, "best_iter": best, "final_iter": 200, "train_seconds": 1.0,
+             "status": "ok", "log": "x",
              "test_agreement": test + 30, "test_margin": 0.25, "test_pos_sim": 0.75, "test_other_sim": 0.5}
-            for mode, val, test in (("supervised", 41.0, 40.0), ("semi", 52.0, 50.0))]
+            for mode, val, test, best in (("supervised", 41.0, 40.0, 200), ("semi", 52.0, 50.0, 100))]
     write_results_csv(tmp_path / "out" / "sweep" / "results.csv", rows)
     monkeypatch.setattr("cacnb.demo.project_root", lambda *a: tmp_path)
     text = summary("out")
@@ -52,6 +53,9 @@ def test_summary_reports_both_rows_with_the_one_seed_caveat(tmp_path, monkeypatc
     assert "CAC (semi)" in text and "test mIoU 50.00%" in text
     assert "cross-context agreement 80.00%, feature margin 0.250" in text
     assert "ONE seed" in text and "make sweep" in text
+    # semi's best.pt at iteration 100 is the baseline's model (CAC is on after iteration 100): the summary says so
+    assert text.count("the final checkpoint (iteration 200) gives test mIoU 45.00%") == 1
+    assert "precedes CAC, which switched on after iteration 100" in text and text.count("precedes CAC") == 1
 
 
 def test_a_failed_training_sweep_ends_the_demo_with_a_message(tmp_path, monkeypatch, capsys):

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 # Keep each test process to the cores the machine has; torch's default thread pool oversubscribes under xdist
-# or torchrun children otherwise. Under pytest-xdist (`make test` runs two workers) each worker gets one thread:
-# two workers of two threads on 2 cores spin-wait on each other (see benchmarks/RESULTS.md, "The test suite").
+# or torchrun children otherwise. Under pytest-xdist (`make test` runs two workers) each worker gets one thread,
+# so that two workers use the 2 cores without four OpenMP threads spin-waiting on them (benchmarks/RESULTS.md,
+# "The test suite", has the suite's times).
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 

@@ -130,10 +130,10 @@ def test_ctrl_c_keeps_finished_rows(held_out_dir, tmp_path, monkeypatch):
         while spec.seed > 0 and not self.stopping:                      # seed 1 runs until the sweep stops it
             time.sleep(0.01)
         status = "interrupted" if self.stopping else "ok"
-        return sweep._row(spec, self.plan.out / spec.run, status, test_miou=40.0, test_miou_final=39.0,
-                          best_iter=1, train_seconds=1.0)
+        return sweep.status_row(spec, self.plan.out / spec.run, status, test_miou=40.0, test_miou_final=39.0,
+                                best_iter=1, train_seconds=1.0)
 
-    real_wait = sweep.futures.wait
+    real_wait = sweep.cli.futures.wait
     calls = []
 
     def wait_then_interrupt(fs, timeout=None, return_when=None):
@@ -145,11 +145,11 @@ def test_ctrl_c_keeps_finished_rows(held_out_dir, tmp_path, monkeypatch):
         return {first}, set(fs) - {first}
 
     monkeypatch.setattr(sweep.Runner, "__call__", fake_run)
-    monkeypatch.setattr(sweep.futures, "wait", wait_then_interrupt)
+    monkeypatch.setattr(sweep.cli.futures, "wait", wait_then_interrupt)
     plan = build_plan(parse_args(["--config", "synthetic", "--modes", "supervised", "--seeds", "0,1,2",
                                   "--data-dir", str(held_out_dir), "--out", str(tmp_path / "s"), *TINY]))
     assert sweep.run_sweep(plan) == 130
-    monkeypatch.setattr(sweep.futures, "wait", real_wait)
+    monkeypatch.setattr(sweep.cli.futures, "wait", real_wait)
     _, rows = _rows(tmp_path / "s")
     assert rows["supervised_s0"]["status"] == "ok" and rows["supervised_s0"]["test_miou"] == "40.0000"
     assert rows["supervised_s1"]["status"] == rows["supervised_s2"]["status"] == "interrupted"
@@ -162,7 +162,7 @@ def test_a_broken_run_does_not_stop_the_sweep(held_out_dir, tmp_path, monkeypatc
     def fake_run(self, spec):
         if spec.seed == 0:
             raise RuntimeError("disk full")
-        return sweep._row(spec, self.plan.out / spec.run, "ok", test_miou=40.0, test_miou_final=39.0)
+        return sweep.status_row(spec, self.plan.out / spec.run, "ok", test_miou=40.0, test_miou_final=39.0)
 
     monkeypatch.setattr(sweep.Runner, "__call__", fake_run)
     plan = build_plan(parse_args(["--config", "synthetic", "--modes", "supervised", "--seeds", "0,1",

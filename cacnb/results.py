@@ -325,8 +325,8 @@ def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
         f"BCa bootstrap interval and an exact Wilcoxon signed-rank p beside them (scipy.stats"
         + (f"; with {len(seeds)} pairs the smallest possible two-sided Wilcoxon p is {2.0 ** (1 - len(seeds)):.4g}"
            if len(seeds) > 1 else "") + "). Every metric is measured on the test split with the "
-        f"best-on-val checkpoint (`best.pt`); \"final\" is the last checkpoint (`last.pt`). Val only selects; "
-        f"nothing is chosen on test.",
+        "best-on-val checkpoint (`best.pt`); \"final\" is the last checkpoint (`last.pt`). Val only selects; "
+        "nothing is chosen on test.",
         f"- Convergence: the best val checkpoint is the last iteration in {last} of {known} runs.",
     ]
     return "\n".join([

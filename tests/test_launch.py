@@ -27,7 +27,6 @@ def test_parameters_become_typed_overrides():
     assert over == {"train.mode": "supervised", "train.epochs": 2, "train.out_dir": "runs/x"}
     assert overrides_from_parameters("voc_r50_1323") == {}
     # a baseline and a CAC run of one config never share a run dir
-    from pathlib import Path
 
     from cacnb.config import load_config
 

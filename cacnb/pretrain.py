@@ -66,7 +66,7 @@ class Recipe:
 
 RECIPES = {
     "full": Recipe(),                                              # the benchmark's (make pretrain, make sweep)
-    "short": Recipe(train_images=2000, heldout_images=500, epochs=2, warmup_iters=50),   # make demo's
+    "short": Recipe(train_images=3000, heldout_images=500, epochs=2, warmup_iters=50),   # make demo's
 }
 # the files the presets name, and the recipe each one is built with
 PRETRAINED_FILES = {"pretrained/synthetic_resnet18.pth": "full", "pretrained/synthetic_resnet18_short.pth": "short"}

@@ -36,7 +36,7 @@ DEMO_CONFIG = "synthetic_context"
 # The benchmark's schedule, shortened so that all of make demo fits in 10 minutes on 2 cores: 200 iterations with
 # CAC from iteration 100 (before it, the two runs train identically), validation on the first 100 val images,
 # test on the first 100 test images (the sweep, notebooks 04 and 05 alike), and the short pretraining recipe
-# (about 1.5 minutes; cacnb.pretrain.RECIPES["short"]) instead of the study's.
+# (about half a minute; cacnb.pretrain.RECIPES["short"]) instead of the study's.
 DEMO_OVERRIDES = {"model.pretrained": "pretrained/synthetic_resnet18_short.pth", "train.epochs": 2,
                   "loss.epoch_start_unsup": 1, "train.val_every": 1, "data.val_max_images": 100,
                   "data.test_max_images": 100}

@@ -171,3 +171,37 @@ def test_a_broken_run_does_not_stop_the_sweep(held_out_dir, tmp_path, monkeypatc
     _, rows = _rows(tmp_path / "s")
     assert rows["supervised_s0"]["status"] == "failed" and rows["supervised_s1"]["status"] == "ok"
     assert "disk full" in (tmp_path / "s" / "supervised_s0" / "sweep.log").read_text()
+
+
+def test_the_sweep_evaluates_at_each_runs_share_of_the_cores(held_out_dir, tmp_path, monkeypatch):
+    """The sweep's own evaluation of a finished run takes the threads one run has (cores // jobs), beside the
+    runs still training, and gives the process its thread count back; a caller's lower OMP_NUM_THREADS wins."""
+    import os
+
+    import torch
+
+    import cacnb.sweep as sweep
+
+    plan = build_plan(parse_args(["--config", "synthetic", "--modes", "supervised", "--seeds", "0", "--jobs", "2",
+                                  "--data-dir", str(held_out_dir), "--out", str(tmp_path / "s"), *TINY]))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runner = sweep.Runner(plan)
+    assert runner.threads() == 2 and runner.env()["OMP_NUM_THREADS"] == "2"
+    seen = []
+
+    def fake_evaluate(self, spec, run_dir, seconds):
+        seen.append(torch.get_num_threads())
+        return sweep.status_row(spec, run_dir, "ok")
+
+    monkeypatch.setattr(sweep.Runner, "_papermill", lambda self, spec, run_dir: 0)
+    monkeypatch.setattr(sweep.Runner, "_evaluate", fake_evaluate)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert runner(plan.runs[0])["status"] == "ok"
+        assert seen == [2] and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert runner.threads() == 1 and runner(plan.runs[0])["status"] == "ok" and seen == [2, 1]
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 test split (mIoU and the consistency metrics) into ``test.json``, which marks the run finished."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..consistency import measure_run
 from ..evaluate import evaluate_run, result_to_json
 from ..paths import atomic_write_text
@@ -23,6 +26,17 @@ from ..runs import load_run
 from .plan import Plan, RunSpec
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "03_training.ipynb"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` intra-op threads in this process, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def status_row(spec: RunSpec, run_dir: Path, status: str, **values) -> dict:
@@ -60,15 +74,21 @@ class Runner:
         self.eval_lock = threading.Lock()  # one evaluation at a time: they are short and would fight for cores
         self.stopping = False
 
+    def threads(self) -> int:
+        """Each run's share of the cores: its papermill run's OpenMP threads, and the sweep's own while it evaluates
+        a finished run beside the running ones (OpenMP spin-waits make oversubscribed tiny convolutions crawl: an
+        evaluation at 2 threads beside a 1-thread training took 15-21 s against 9-10 s at 1 thread, and slowed
+        that training's steps by a quarter; benchmarks/bench_eval_threads.py). Never above a thread count the
+        caller set."""
+        share = max(1, (os.cpu_count() or 1) // (self.plan.jobs * self.plan.nproc))
+        return min(share, int(os.environ.get("OMP_NUM_THREADS") or share))
+
     def env(self) -> dict:
         env = dict(os.environ)
         root = str(NOTEBOOK.parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        # share the cores between side-by-side runs (OpenMP spin-waits make oversubscribed tiny convs crawl),
-        # never raising a thread count the caller set
-        share = max(1, (os.cpu_count() or 1) // (self.plan.jobs * self.plan.nproc))
-        env["OMP_NUM_THREADS"] = str(min(share, int(os.environ.get("OMP_NUM_THREADS") or share)))
+        env["OMP_NUM_THREADS"] = str(self.threads())
         return env
 
     def parameters(self, spec: RunSpec) -> dict:
@@ -90,7 +110,7 @@ class Runner:
         if code != 0 or self.stopping:
             return status_row(spec, run_dir, "interrupted" if self.stopping else "failed", train_seconds=seconds)
         try:
-            with self.eval_lock:
+            with self.eval_lock, torch_threads(self.threads()):
                 return self._evaluate(spec, run_dir, seconds)
         except Exception as e:  # a broken checkpoint fails this run, not the sweep
             with open(run_dir / "sweep.log", "a") as log:

@@ -98,7 +98,7 @@ def test_a_broken_file_on_one_rank_saves_on_rank_0_and_the_rerun_resumes(tmp_pat
     """2-process gloo: rank 1 alone meets a truncated JPEG at iteration 4 (of 4, mid-epoch). Both ranks stop before
     that step (neither waits in DDP for the other), rank 0 saves iteration 3, rank 1's message is the one error;
     restored, the same command finishes the run."""
-    from test_reliability import _voc_copy, truncate_unlabeled_image
+    from test_dataset_rules import _voc_copy, truncate_unlabeled_image
     from test_train import _torchrun
 
     cfg = tiny(tmp_path, _voc_copy(synthetic_voc, tmp_path), **{

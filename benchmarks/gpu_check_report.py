@@ -57,29 +57,31 @@ def markdown(summary: dict) -> list[str]:
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else ""
         result = r.get("reason") or _brief(r)
         lines.append(f"| {r['name']} | {r['status']} | {seconds} | {r['what']} | {result} |")
-    steps = [r for r in summary["parts"] if r["name"].startswith("bench-step") and r.get("result")]
-    if steps:
-        lines += ["", "## Training step (bench_step.py)", "",
-                  "| variant | device | preset | batch | crop | ms/step | images/s | peak MB | first step s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in steps:
-            for s in r["result"]:
-                first = f"{s['first_step_s']:.1f}" if s.get("first_step_s") is not None else ""
-                lines.append(f"| {r['name'].removeprefix('bench-step-')} | {s['device']} | {s['preset']} | "
-                             f"{s['batch']} | {s['crop']} | {s['ms_per_step']:.0f} | {s['images_per_s']:.1f} | "
-                             f"{s['peak_mb']:.0f} | {first} |")
-    losses = [r for r in summary["parts"] if r["name"].startswith("bench-loss") and r.get("result")]
-    if losses:
-        lines += ["", "## CAC loss (bench_loss.py)", "",
-                  "| device | n | N | conf | plain ms | ours ms | plain peak MB | ours peak MB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in losses:
-            for row in r["result"]:
-                lines.append(_loss_row(row))
+    lines += _table(summary, "bench-step", "## Training step (bench_step.py)",
+                    "| variant | device | preset | batch | crop | ms/step | images/s | peak MB | first step s |",
+                    _step_row)
+    lines += _table(summary, "bench-loss", "## CAC loss (bench_loss.py)",
+                    "| device | n | N | conf | plain ms | ours ms | plain peak MB | ours peak MB |",
+                    lambda name, row: _loss_row(row))
     failing = [r for r in summary["parts"] if r["status"] in ("failed", "timeout")]
     for r in failing:
         lines += ["", f"## {r['name']}: {r['status']} (log: {r.get('log')})", "", "```"] + r.get("tail", []) + ["```"]
     return lines
+
+
+def _table(summary: dict, prefix: str, title: str, header: str, row) -> list[str]:
+    """A section with one table row per result of the parts whose name starts with ``prefix`` (none: nothing)."""
+    parts = [r for r in summary["parts"] if r["name"].startswith(prefix) and r.get("result")]
+    if not parts:
+        return []
+    separator = "|" + "---|" * (header.count("|") - 1)
+    return ["", title, "", header, separator] + [row(r["name"], result) for r in parts for result in r["result"]]
+
+
+def _step_row(name: str, s: dict) -> str:
+    first = f"{s['first_step_s']:.1f}" if s.get("first_step_s") is not None else ""
+    return (f"| {name.removeprefix('bench-step-')} | {s['device']} | {s['preset']} | {s['batch']} | {s['crop']} | "
+            f"{s['ms_per_step']:.0f} | {s['images_per_s']:.1f} | {s['peak_mb']:.0f} | {first} |")
 
 
 def _machine(env: Optional[dict]) -> str:

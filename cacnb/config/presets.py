@@ -67,7 +67,8 @@ def _synthetic_context() -> Config:
     and CAC switches on after a supervised warm-up (here 2 of 7 epochs of 100 iterations; the paper: 5 of 80), by
     which the supervised model is at about 54 % val mIoU and its pseudo-labels about 80 % right at the overlap,
     so that its confidences mean something when it starts. Validation every 2 epochs (and at the end) keeps
-    ``make sweep`` (5 seeds x 3 rows) within 90 minutes on 2 CPU cores. The schedule, lr and negatives were
+    ``make sweep`` (5 seeds x 3 rows) near an hour on 2 CPU cores (43.7 min on one machine, 106 min on a machine
+    2-3 times slower; README, "Study results"). The schedule, lr and negatives were
     chosen on val (README, "What was tried"); ``model.pretrained=null`` is the from-scratch ablation.
     """
     cfg = Config(name="synthetic_context")

@@ -175,7 +175,8 @@ def test_a_broken_run_does_not_stop_the_sweep(held_out_dir, tmp_path, monkeypatc
 
 def test_the_sweep_evaluates_at_each_runs_share_of_the_cores(held_out_dir, tmp_path, monkeypatch):
     """The sweep's own evaluation of a finished run takes the threads one run has (cores // jobs), beside the
-    runs still training, and gives the process its thread count back; a caller's lower OMP_NUM_THREADS wins."""
+    runs still training, and gives the process its thread count back; each rank of a run gets
+    cores // (jobs x nproc); a caller's lower OMP_NUM_THREADS wins."""
     import os
 
     import torch
@@ -203,5 +204,9 @@ def test_the_sweep_evaluates_at_each_runs_share_of_the_cores(held_out_dir, tmp_p
         assert seen == [2] and torch.get_num_threads() == 3
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert runner.threads() == 1 and runner(plan.runs[0])["status"] == "ok" and seen == [2, 1]
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        plan.nproc = 2                                                   # 2 runs x 2 ranks on 4 cores
+        assert runner.env()["OMP_NUM_THREADS"] == "1" and runner(plan.runs[0])["status"] == "ok"
+        assert seen == [2, 1, 2]
     finally:
         torch.set_num_threads(before)

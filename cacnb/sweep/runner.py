@@ -74,13 +74,14 @@ class Runner:
         self.eval_lock = threading.Lock()  # one evaluation at a time: they are short and would fight for cores
         self.stopping = False
 
-    def threads(self) -> int:
-        """Each run's share of the cores: its papermill run's OpenMP threads, and the sweep's own while it evaluates
-        a finished run beside the running ones (OpenMP spin-waits make oversubscribed tiny convolutions crawl: an
-        evaluation at 2 threads beside a 1-thread training took 15-21 s against 9-10 s at 1 thread, and slowed
-        that training's steps by a quarter; benchmarks/bench_eval_threads.py). Never above a thread count the
-        caller set."""
-        share = max(1, (os.cpu_count() or 1) // (self.plan.jobs * self.plan.nproc))
+    def threads(self, per_rank: bool = True) -> int:
+        """A share of the cores: one rank's (``cores // (jobs × nproc)``, each papermill run's OpenMP threads), or
+        one run's (``per_rank=False``: ``cores // jobs``), which the sweep's own evaluation of a finished run takes
+        beside the runs still training. OpenMP spin-waits make oversubscribed tiny convolutions crawl: an evaluation
+        at 2 threads beside a 1-thread training took 15-21 s against 9-10 s at 1 thread, and slowed that
+        training's steps by a quarter (benchmarks/bench_eval_threads.py). Never above a thread count the caller
+        set."""
+        share = max(1, (os.cpu_count() or 1) // (self.plan.jobs * (self.plan.nproc if per_rank else 1)))
         return min(share, int(os.environ.get("OMP_NUM_THREADS") or share))
 
     def env(self) -> dict:
@@ -110,7 +111,7 @@ class Runner:
         if code != 0 or self.stopping:
             return status_row(spec, run_dir, "interrupted" if self.stopping else "failed", train_seconds=seconds)
         try:
-            with self.eval_lock, torch_threads(self.threads()):
+            with self.eval_lock, torch_threads(self.threads(per_rank=False)):
                 return self._evaluate(spec, run_dir, seconds)
         except Exception as e:  # a broken checkpoint fails this run, not the sweep
             with open(run_dir / "sweep.log", "a") as log:

@@ -11,8 +11,8 @@ Every metric gets the same treatment: test mIoU, and the consistency metrics (cr
 mIoU, positive and other-class feature similarity and their margin).
 
 ``python -m cacnb.results SWEEP_DIR`` rewrites ``SWEEP_DIR/results.md``; ``--readme README.md`` also pastes it
-between the README's ``<!-- cacnb-results:begin -->`` and ``<!-- cacnb-results:end -->`` markers, so the
-README's table is always written by this tool, never typed.
+between the README's ``<!-- cacnb-results:begin -->`` and ``<!-- cacnb-results:end -->`` markers
+(:mod:`cacnb.readme_block`), so the README's table is always written by this tool, never typed.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from .paths import atomic_write_text
+from .readme_block import paste_into_readme
 from .stats import LEVEL, Interval, fmt, mean_interval, paired_difference, second_opinion
 
 # the consistency metrics of best.pt on test (cacnb.consistency): agreement and overlap mIoU in percent,
@@ -39,15 +40,7 @@ METRICS = (("test_miou", "test mIoU", "%"), ("test_agreement", "cross-context ag
            ("test_overlap_miou", "overlap mIoU", "%"), ("test_pos_sim", "positive similarity", "cos"),
            ("test_other_sim", "other-class similarity", "cos"), ("test_margin", "margin", "cos"))
 ROW_ORDER = ("supervised", "semi", "full")
-README_BEGIN = "<!-- cacnb-results:begin -->"
-README_END = "<!-- cacnb-results:end -->"
 
-
-def readme_markers(block: Optional[str] = None) -> tuple[str, str]:
-    """The marker lines of a README block: the study's (``block=None``) or a named one, e.g. ``demo``."""
-    if block is None:
-        return README_BEGIN, README_END
-    return f"<!-- cacnb-results:{block}:begin -->", f"<!-- cacnb-results:{block}:end -->"
 
 # ---------------------------------------------------------------------------------------------------------------
 # a sweep's rows
@@ -246,6 +239,22 @@ def metric_differences_markdown(rows: Sequence[Mapping], level: float = LEVEL, a
     return "\n".join(lines)
 
 
+def ablation_differences_markdown(rows: Sequence[Mapping], level: float = LEVEL) -> str:
+    """Markdown table: each ablation − semi (full CAC), paired on seed, every metric as ``mean [t interval]``;
+    empty when the study has no ablation row."""
+    labels = labels_in_order(rows)
+    ablations = [label for label in labels if label not in ROW_ORDER] if "semi" in labels else []
+    lines = ["| comparison (paired on seed) | pairs | " + " | ".join(f"{name} ({unit})" for _, name, unit in METRICS)
+             + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for label in ablations:
+        cells = [paired_difference(by_seed(rows, label, column), by_seed(rows, "semi", column), level)[0]
+                 for column, _, _ in METRICS]
+        lines.append(f"| {label} − semi | {max(c.n for c in cells)} | " + " | ".join(
+            f"{fmt(c.mean, True, _digits(unit))} {_ci(c, True, _digits(unit))}" if c.n else "n/a"
+            for c, (_, _, unit) in zip(cells, METRICS)) + " |")
+    return "\n".join(lines) if ablations else ""
+
+
 def per_class_table_markdown(sweep_dir: "str | Path", rows: Sequence[Mapping]) -> str:
     names, means = per_class_iou(sweep_dir, rows)
     if not means:
@@ -310,6 +319,7 @@ def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
     wall = info.get("wall_seconds")
     pct = int(round(100 * level))
     last, known = best_is_last(rows)
+    ablations = ablation_differences_markdown(rows, level)
     head = [
         f"**Study** `{info.get('config', '?')}`: {len(seeds)} seed(s) planned per row "
         f"({', '.join(map(str, seeds))}; the table's seeds column counts the finished ones); "
@@ -336,6 +346,7 @@ def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:
         "## What CAC does to context: consistency on test (best.pt)", "", CONSISTENCY_NOTE, "",
         consistency_table_markdown(rows, level), "",
         "## Every metric, semi − supervised", "", metric_differences_markdown(rows, level), "",
+        *(["## Every metric, each ablation − semi", "", ablations, ""] if ablations else []),
         "## Per-class test IoU (%), mean over seeds (best.pt)", "", per_class_table_markdown(sweep_dir, rows), "",
     ])
 
@@ -344,24 +355,6 @@ def write_results_md(sweep_dir: "str | Path", level: float = LEVEL) -> Path:
     path = Path(sweep_dir) / "results.md"
     atomic_write_text(path, results_markdown(sweep_dir, level))
     return path
-
-
-def paste_into_readme(results_md: "str | Path", readme: "str | Path", block: Optional[str] = None) -> Path:
-    """Replace what lies between the README's result markers (:func:`readme_markers` of ``block``) by
-    ``results.md`` (its title dropped, its ``##`` headings made ``####`` to sit under the README's own section),
-    atomically. A README without both markers is an error naming them."""
-    readme = Path(readme)
-    text = readme.read_text()
-    first, last = readme_markers(block)
-    begin, end = text.find(first), text.find(last)
-    if begin < 0 or end < begin:
-        raise ValueError(f"{readme} has no '{first}' ... '{last}' block; add both marker lines where "
-                         f"the results table belongs")
-    body = Path(results_md).read_text().splitlines()
-    body = [("##" + line if line.startswith("## ") else line) for line in body if not line.startswith("# ")]
-    block = first + "\n" + "\n".join(body).strip("\n") + "\n"
-    atomic_write_text(readme, text[:begin] + block + text[end:])
-    return readme
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

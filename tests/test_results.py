@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from cacnb.results import (README_BEGIN, README_END, comparisons, main, paste_into_readme, per_class_iou,
-                           plot_seeds, read_results, results_markdown, row_summary, write_results_csv)
+from cacnb.readme_block import README_BEGIN, README_END, paste_into_readme, readme_markers
+from cacnb.results import (ablation_differences_markdown, comparisons, main, per_class_iou, plot_seeds,
+                           read_results, results_markdown, row_summary, write_results_csv)
 from cacnb.stats import mean_interval, paired_difference, second_opinion, t_quantile
 
 
@@ -109,6 +110,26 @@ def test_comparisons_are_paired_on_seed(sweep_dir):
     assert found["semi [loss.directional=false] − semi"][0].mean == pytest.approx(-1.0)
 
 
+def test_every_metric_of_each_ablation_is_paired_with_semi(sweep_dir):
+    rows = read_results(sweep_dir)
+    for row in rows:                     # the ablation's margin falls by 0.01, 0.02, 0.03 below semi's on seeds 0-2
+        if row["label"] == "semi [loss.directional=false]":
+            row["test_margin"] = 0.352 + 0.1 * row["seed"] - 0.01 * (row["seed"] + 1)
+        elif row["label"] == "semi" and row["status"] == "ok":
+            row["test_margin"] = 0.352 + 0.1 * row["seed"]
+    table = ablation_differences_markdown(rows)
+    # mean -0.02, s = 0.01, half width 4.302653 * 0.01 / sqrt(3) = 0.0248; test mIoU: -1 on every seed
+    line = next(l for l in table.splitlines() if l.startswith("| semi [loss.directional=false] − semi |"))
+    assert line.startswith("| semi [loss.directional=false] − semi | 3 | -1.00 [-1.00, -1.00] |")
+    assert line.endswith("| -0.020 [-0.045, +0.005] |")
+    assert len(table.splitlines()) == 3                                    # heading, rule, the one ablation
+    assert "## Every metric, each ablation − semi" in results_markdown(sweep_dir)
+    unfinished = [dict(r, status="pending") if r["label"] == "semi [loss.directional=false]" else r for r in rows]
+    assert "− semi | 0 | n/a | n/a |" in ablation_differences_markdown(unfinished)
+    without = [r for r in rows if r["label"] != "semi [loss.directional=false]"]
+    assert ablation_differences_markdown(without) == ""
+
+
 def test_per_class_iou_averages_over_seeds(sweep_dir):
     names, means = per_class_iou(sweep_dir, read_results(sweep_dir))
     assert names == ["bg", "a", "b"] and list(means) == ["supervised", "semi"]
@@ -174,8 +195,6 @@ def test_notebook_06_shows_the_tables_and_figures(sweep_dir, tmp_path):
 
 
 def test_named_block_is_pasted_and_the_study_block_left_alone(tmp_path):
-    from cacnb.results import paste_into_readme, readme_markers
-
     results = tmp_path / "results.md"
     results.write_text("# Sweep results\n\nnew demo table\n")
     first, last = readme_markers("demo")

@@ -192,6 +192,7 @@ def test_notebook_06_shows_the_tables_and_figures(sweep_dir, tmp_path):
     text = out.read_text()
     assert "semi − supervised" in text and "interval excludes 0" in text and "image/png" in text
     assert "| bg |" in text
+    assert "| pairs | test mIoU (%) | cross-context agreement (%) |" in text     # the ablation − semi table
 
 
 def test_named_block_is_pasted_and_the_study_block_left_alone(tmp_path):

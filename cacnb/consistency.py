@@ -3,7 +3,7 @@
 CAC's claim is about context: the same pixels seen in two contexts should get the same features and the same
 prediction. For every image of a split, :func:`measure` takes ``pairs_per_image`` overlapping crop pairs from the
 training pair sampler (:func:`cacnb.data.build_eval_pair_dataset`: the same crop size, scale range, stride and
-IoU bound, photometric augmentation **off**, pair ``k`` of image ``i`` drawn with sample seed
+IoU bound, always two windows, photometric augmentation **off**, pair ``k`` of image ``i`` drawn with sample seed
 ``i * pairs_per_image + k``, so every run sees the same pairs) and reports:
 
 * **agreement**: over the labeled pixels ``p`` of the overlaps, the fraction where the two crops' predictions
@@ -185,10 +185,12 @@ def pair_predictions(model: torch.nn.Module, item: dict) -> tuple[torch.Tensor, 
 
 
 def measure_run(run, *, split: str = "test", pairs_per_image: int = PAIRS_PER_IMAGE,
-                max_images: Optional[int] = None, progress: bool = False) -> dict:
-    """:func:`measure` for an opened run (:func:`cacnb.runs.load_run`) on its config's ``split``."""
-    cfg = run.config
-    pairs = build_eval_pair_dataset(cfg.data, split)
-    return measure(run.model, pairs, cfg.data.num_classes, pairs_per_image=pairs_per_image,
-                   ignore_index=cfg.data.ignore_index, stride=cfg.data.stride, max_images=max_images,
-                   progress=progress)
+                max_images: Optional[int] = None, progress: bool = False, data_cfg=None) -> dict:
+    """:func:`measure` for an opened run (:func:`cacnb.runs.load_run`) on the ``split`` of its config, or of
+    ``data_cfg`` where given: a study measures every row on the pairs of its base config, so that an ablation of
+    the pair geometry (``data.iou_bound``, ``data.pair_scale_range``) changes the training and not the
+    instrument."""
+    data = run.config.data if data_cfg is None else data_cfg
+    return measure(run.model, build_eval_pair_dataset(data, split), data.num_classes,
+                   pairs_per_image=pairs_per_image, ignore_index=data.ignore_index, stride=data.stride,
+                   max_images=max_images, progress=progress)

@@ -62,6 +62,16 @@ def test_a_model_that_depends_on_the_crop_position_agrees_less(pairs):
     assert scores["pos_sim"] < 0.999
 
 
+def test_a_run_trained_without_context_is_measured_on_two_context_pairs(synthetic_data_dir, pairs):
+    """data.context=false trains on two crops of one window; its cross-context agreement must still be measured
+    on the two-window pairs every other run gets, or the ablation row would compare flips of one window."""
+    cfg = load_config("synthetic", {"data.data_dir": str(synthetic_data_dir), "data.crop_size": 64,
+                                    "data.base_size": 96, "data.context": False})
+    no_context = build_eval_pair_dataset(cfg.data, "val")
+    assert no_context.context
+    assert measure(PositionModel(), no_context, K) == measure(PositionModel(), pairs, K)
+
+
 def test_the_pairs_are_the_same_on_every_call(pairs):
     first, again = measure(PixelModel(), pairs, K), measure(PixelModel(), pairs, K)
     assert first == again

@@ -38,6 +38,39 @@ def test_plan_names_runs_and_sets_seeds(held_out_dir, tmp_path):
     assert plain.run_config(plain.runs[0]).data.split_seed == 0          # the split stays without --split-seeds
 
 
+def test_every_row_is_measured_on_the_pairs_of_the_base_config(held_out_dir, tmp_path, monkeypatch):
+    """An ablation of the pair rule (data.context=false) changes the run's training, not the instrument: the
+    sweep measures its consistency on the study's base pairs, like every other row."""
+    import cacnb.sweep.runner as runner
+
+    plan = build_plan(parse_args(["--config", "synthetic", "--modes", "semi", "--seeds", "0", "--ablate",
+                                  "data.context=false", "--data-dir", str(held_out_dir), "--out", str(tmp_path),
+                                  *TINY]))
+    base, ablated = plan.runs
+    assert not plan.run_config(ablated).data.context
+    assert plan.instrument_config(ablated).data == plan.run_config(base).data
+    run_dir = tmp_path / ablated.run
+    run_dir.mkdir()
+    for name in ("best.pt", "last.pt"):
+        (run_dir / name).write_bytes(b"")
+    measured = []
+
+    def fake_measure(run, *, split, data_cfg):
+        measured.append(data_cfg)
+        return {"agreement": 0.9}
+
+    monkeypatch.setattr(runner, "read_metrics", lambda run_dir: [])
+    monkeypatch.setattr(runner, "last_iteration", lambda records: 4)
+    monkeypatch.setattr(runner, "best_of", lambda records: {"iter": 4, "miou": 0.5})
+    monkeypatch.setattr(runner, "load_run", lambda ckpt, config: object())
+    monkeypatch.setattr(runner, "evaluate_run", lambda run, split, progress: {"miou": 0.5, "class_names": []})
+    monkeypatch.setattr(runner, "result_to_json", lambda r, names, checkpoint, split: {"miou": r["miou"]})
+    monkeypatch.setattr(runner, "measure_run", fake_measure)
+    row = runner.Runner(plan)._evaluate(ablated, run_dir, 1.0)
+    assert row["status"] == "ok" and row["test_agreement"] == pytest.approx(90.0)
+    assert measured == [plan.run_config(base).data] and measured[0].context
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--modes", "semi,teacher"], "unknown mode"),
     (["--seeds", "0,x"], "must be an integer"),

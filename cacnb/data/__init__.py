@@ -67,13 +67,15 @@ def build_eval_dataset(data_cfg, split: str = "val", *, lists: Optional[SplitLis
 
 def build_eval_pair_dataset(data_cfg, split: str = "test", *, lists: Optional[SplitLists] = None) -> PairDataset:
     """Crop pairs of the ``split`` images as the pair sampler draws them in training (same crop, scale range,
-    stride, IoU bound and context rule), with photometric augmentation off, so that the two crops of a pair
-    hold identical pixels in their overlap."""
+    stride and IoU bound), with photometric augmentation off, so that the two crops of a pair hold identical
+    pixels in their overlap. The two crops always come from two windows, whatever ``data.context`` says: these
+    pairs measure cross-context consistency, and a run trained without context (``data.context=false``, both
+    crops from one window) must be measured on the same two-context pairs as every other run."""
     cfg = data_config(data_cfg)
     pairs = (split_lists(cfg) if lists is None else lists).eval_split(split)[0]
     return PairDataset(_files(cfg, pairs), crop_size=cfg.crop_size, base_size=cfg.base_size,
                        scale_range=cfg.pair_scale_range, stride=cfg.stride, iou_bound=cfg.iou_bound,
-                       photometric=False, ignore_index=cfg.ignore_index, context=cfg.context)
+                       photometric=False, ignore_index=cfg.ignore_index, context=True)
 
 
 def _files(cfg, pairs: Sequence[Pair]) -> SegFiles:

@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -61,7 +61,10 @@ class Plan:
         return load_config(self.config, {**self.overrides(spec), **extra, "train.mode": spec.mode,
                                          "train.out_dir": str(self.out)})
 
-
+    def instrument_config(self, spec: RunSpec) -> Config:
+        """The config whose data section builds ``spec``'s consistency pairs: the run's own without its ablation,
+        so that every row of the study is measured on the same pairs."""
+        return self.run_config(replace(spec, ablation={}))
 
 
 def _slug(text: str) -> str:

@@ -166,7 +166,8 @@ class Runner:
             timing[f"test {name}"] = time.monotonic() - tic
             if consistency is None:  # best.pt's (evaluated first), or last.pt's when there is no best.pt
                 tic = time.monotonic()
-                consistency = {**measure_run(run, split="test"), "checkpoint": str(ckpt)}
+                data = self.plan.instrument_config(spec).data  # the same pairs for every row of the study
+                consistency = {**measure_run(run, split="test", data_cfg=data), "checkpoint": str(ckpt)}
                 timing["consistency"] = time.monotonic() - tic
         values = {
             "val_miou": 100 * best["miou"] if best else None,

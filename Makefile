@@ -33,7 +33,8 @@ test: install
 
 ## make sweep: the README's study (5 seeds x supervised/semi/full, two runs side by side; the pretrained backbone
 ## is built first when missing; see the README for its measured time), papermill runs of notebook 03 into
-## runs/sweep/. SEEDS=0,1,2 runs 3 seeds; ABLATE="--ablate loss.directional=false" adds rows (about 30 min each)
+## runs/sweep/. SEEDS=0,1,2 runs 3 seeds; ABLATE="--ablate loss.directional=false" adds rows (16-19 min per row
+## of 5 seeds, measured on an idle 2-core machine on 2026-12-08)
 SEEDS ?= 0,1,2,3,4
 ABLATE ?=
 sweep: install

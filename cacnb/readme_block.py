@@ -20,6 +20,7 @@ def readme_markers(block: Optional[str] = None) -> tuple[str, str]:
         return README_BEGIN, README_END
     return f"<!-- cacnb-results:{block}:begin -->", f"<!-- cacnb-results:{block}:end -->"
 
+
 def paste_into_readme(results_md: "str | Path", readme: "str | Path", block: Optional[str] = None) -> Path:
     """Replace what lies between the README's result markers (:func:`readme_markers` of ``block``) by
     ``results.md`` (its title dropped, its ``##`` headings made ``####`` to sit under the README's own section),

@@ -301,11 +301,12 @@ def read_sweep_info(sweep_dir: "str | Path") -> dict:
 
 CONSISTENCY_NOTE = (
     "For every test image, 2 overlapping crop pairs from the training pair sampler (two windows, photometric "
-    "augmentation off, seeded per image; every row on the pairs of the study's base config): **agreement** is the share of labeled overlap pixels where the two crops' predictions "
-    "agree, **overlap mIoU** the mIoU of those predictions on the overlap; at the stride-8 overlap cells, "
-    "**positive similarity** is the cosine of the two crops' L2-normalised decoder features (the projector's "
-    "input) at the same cell, **other-class similarity** the mean cosine to the other crop's cells of another "
-    "ground-truth class, and **margin** their difference (`cacnb.consistency`).")
+    "augmentation off, seeded per image; every row on the pairs of the study's base config): **agreement** is the "
+    "share of labeled overlap pixels where the two crops' predictions agree, **overlap mIoU** the mIoU of those "
+    "predictions on the overlap; at the stride-8 overlap cells, **positive similarity** is the cosine of the two "
+    "crops' L2-normalised decoder features (the projector's input) at the same cell, **other-class similarity** the"
+    " mean cosine to the other crop's cells of another ground-truth class, and **margin** their difference "
+    "(`cacnb.consistency`).")
 
 
 def results_markdown(sweep_dir: "str | Path", level: float = LEVEL) -> str:

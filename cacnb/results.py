@@ -209,7 +209,8 @@ def comparison_table_markdown(rows: Sequence[Mapping], level: float = LEVEL, col
         second = second_opinion(diffs.values(), level)
         per_seed = ", ".join(f"s{s}: {d:+.{digits}f}" for s, d in diffs.items()) or "n/a"
         lines.append(f"| {name} | {interval.n} | {fmt(interval.mean, True, digits)} | "
-                     f"{_ci(interval, True, digits)} | {_boot(second, digits)} | {fmt(second.wilcoxon_p, digits=3)} | {per_seed} |")
+                     f"{_ci(interval, True, digits)} | {_boot(second, digits)} | "
+                     f"{fmt(second.wilcoxon_p, digits=3)} | {per_seed} |")
     return "\n".join(lines)
 
 
